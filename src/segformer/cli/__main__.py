@@ -1,0 +1,3 @@
+from segformer.cli import main
+
+raise SystemExit(main())
