@@ -20,7 +20,9 @@ ADE20K_SAMPLE = SHARED / "data" / "ade20k-sample"
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if (SHARED / "README.md").is_file():
         return
-    skip = pytest.mark.skip(reason=f"needs ../shared (real data and weights), not found at {SHARED}")
+    skip = pytest.mark.skip(
+        reason=f"needs ../shared (real data and weights), not found at {SHARED}"
+    )
     for item in items:
         if "shared" in item.keywords:
             item.add_marker(skip)

@@ -44,7 +44,9 @@ def use_fast_allocator(argv: list[str]) -> None:
     if library is None:
         return
     env = dict(os.environ)
-    env["LD_PRELOAD"] = f"{library} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else library
+    env["LD_PRELOAD"] = (
+        f"{library} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else library
+    )
     env[_MARK] = "1"
     try:
         os.execve(sys.executable, [sys.executable, "-m", "segformer.cli", *argv], env)

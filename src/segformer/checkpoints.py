@@ -23,7 +23,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -50,7 +49,13 @@ SEGMENTATION = "semantic-segmentation"
 CLASSIFICATION = "image-classification"
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json", "README.md"]
+HUB_FILES = [
+    "config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "preprocessor_config.json",
+    "README.md",
+]
 
 # ---------------------------------------------------------------------------------------
 # Key maps: (pattern, replacement) applied in order to every key. A key ending in "#k" or
@@ -66,10 +71,19 @@ HF_RULES = [
     (r"^encoder\.block\.(\d+)\.(\d+)\.layer_norm_1\.", _BLOCK + ".norm1."),
     (r"^encoder\.block\.(\d+)\.(\d+)\.layer_norm_2\.", _BLOCK + ".norm2."),
     (r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.query\.", _BLOCK + ".attention.query."),
-    (r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.key\.(\w+)$", _BLOCK + r".attention.key_value.\3#k"),
-    (r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.value\.(\w+)$", _BLOCK + r".attention.key_value.\3#v"),
+    (
+        r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.key\.(\w+)$",
+        _BLOCK + r".attention.key_value.\3#k",
+    ),
+    (
+        r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.value\.(\w+)$",
+        _BLOCK + r".attention.key_value.\3#v",
+    ),
     (r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.sr\.", _BLOCK + ".attention.reduction."),
-    (r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.layer_norm\.", _BLOCK + ".attention.reduction_norm."),
+    (
+        r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.layer_norm\.",
+        _BLOCK + ".attention.reduction_norm.",
+    ),
     (r"^encoder\.block\.(\d+)\.(\d+)\.attention\.output\.dense\.", _BLOCK + ".attention.proj."),
     (r"^encoder\.block\.(\d+)\.(\d+)\.mlp\.dense1\.", _BLOCK + ".mix_ffn.fc1."),
     (r"^encoder\.block\.(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.", _BLOCK + ".mix_ffn.dwconv."),
@@ -88,8 +102,14 @@ HF_LIVE_RULES = [
     (r"^stages\.(\d+)\.blocks\.(\d+)\.layernorm_before\.", _LIVE_BLOCK + ".norm1."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.layernorm_after\.", _LIVE_BLOCK + ".norm2."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.attention\.q_proj\.", _LIVE_BLOCK + ".attention.query."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.attention\.k_proj\.(\w+)$", _LIVE_BLOCK + r".attention.key_value.\3#k"),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.attention\.v_proj\.(\w+)$", _LIVE_BLOCK + r".attention.key_value.\3#v"),
+    (
+        r"^stages\.(\d+)\.blocks\.(\d+)\.attention\.k_proj\.(\w+)$",
+        _LIVE_BLOCK + r".attention.key_value.\3#k",
+    ),
+    (
+        r"^stages\.(\d+)\.blocks\.(\d+)\.attention\.v_proj\.(\w+)$",
+        _LIVE_BLOCK + r".attention.key_value.\3#v",
+    ),
     (
         r"^stages\.(\d+)\.blocks\.(\d+)\.attention\.sequence_reduction\.sequence_reduction\.",
         _LIVE_BLOCK + ".attention.reduction.",
@@ -130,13 +150,31 @@ NVLABS_RULES: list[tuple[str, Any]] = [
     _nv(r"^norm(\d)\.(\w+)$", "encoder.stages.{s}.norm.{rest}"),
     _nv(r"^block(\d)\.(\d+)\.norm1\.(\w+)$", "encoder.stages.{s}.blocks.{b}.norm1.{rest}"),
     _nv(r"^block(\d)\.(\d+)\.norm2\.(\w+)$", "encoder.stages.{s}.blocks.{b}.norm2.{rest}"),
-    _nv(r"^block(\d)\.(\d+)\.attn\.q\.(\w+)$", "encoder.stages.{s}.blocks.{b}.attention.query.{rest}"),
-    _nv(r"^block(\d)\.(\d+)\.attn\.kv\.(\w+)$", "encoder.stages.{s}.blocks.{b}.attention.key_value.{rest}"),
-    _nv(r"^block(\d)\.(\d+)\.attn\.sr\.(\w+)$", "encoder.stages.{s}.blocks.{b}.attention.reduction.{rest}"),
-    _nv(r"^block(\d)\.(\d+)\.attn\.norm\.(\w+)$", "encoder.stages.{s}.blocks.{b}.attention.reduction_norm.{rest}"),
-    _nv(r"^block(\d)\.(\d+)\.attn\.proj\.(\w+)$", "encoder.stages.{s}.blocks.{b}.attention.proj.{rest}"),
+    _nv(
+        r"^block(\d)\.(\d+)\.attn\.q\.(\w+)$",
+        "encoder.stages.{s}.blocks.{b}.attention.query.{rest}",
+    ),
+    _nv(
+        r"^block(\d)\.(\d+)\.attn\.kv\.(\w+)$",
+        "encoder.stages.{s}.blocks.{b}.attention.key_value.{rest}",
+    ),
+    _nv(
+        r"^block(\d)\.(\d+)\.attn\.sr\.(\w+)$",
+        "encoder.stages.{s}.blocks.{b}.attention.reduction.{rest}",
+    ),
+    _nv(
+        r"^block(\d)\.(\d+)\.attn\.norm\.(\w+)$",
+        "encoder.stages.{s}.blocks.{b}.attention.reduction_norm.{rest}",
+    ),
+    _nv(
+        r"^block(\d)\.(\d+)\.attn\.proj\.(\w+)$",
+        "encoder.stages.{s}.blocks.{b}.attention.proj.{rest}",
+    ),
     _nv(r"^block(\d)\.(\d+)\.mlp\.fc1\.(\w+)$", "encoder.stages.{s}.blocks.{b}.mix_ffn.fc1.{rest}"),
-    _nv(r"^block(\d)\.(\d+)\.mlp\.dwconv\.dwconv\.(\w+)$", "encoder.stages.{s}.blocks.{b}.mix_ffn.dwconv.{rest}"),
+    _nv(
+        r"^block(\d)\.(\d+)\.mlp\.dwconv\.dwconv\.(\w+)$",
+        "encoder.stages.{s}.blocks.{b}.mix_ffn.dwconv.{rest}",
+    ),
     _nv(r"^block(\d)\.(\d+)\.mlp\.fc2\.(\w+)$", "encoder.stages.{s}.blocks.{b}.mix_ffn.fc2.{rest}"),
     _nv(r"^decode_head\.linear_c(\d)\.proj\.(\w+)$", "decode_head.projections.{s}.{rest}"),
     (r"^decode_head\.linear_fuse\.conv\.", "decode_head.fuse."),
@@ -154,15 +192,27 @@ _OURS_TO_HF = [
     (r"^encoder\.stages\.(\d+)\.norm\.", r"encoder.layer_norm.\1."),
     (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.norm1\.", r"encoder.block.\1.\2.layer_norm_1."),
     (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.norm2\.", r"encoder.block.\1.\2.layer_norm_2."),
-    (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.attention\.query\.", r"encoder.block.\1.\2.attention.self.query."),
-    (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.attention\.reduction\.", r"encoder.block.\1.\2.attention.self.sr."),
+    (
+        r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.attention\.query\.",
+        r"encoder.block.\1.\2.attention.self.query.",
+    ),
+    (
+        r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.attention\.reduction\.",
+        r"encoder.block.\1.\2.attention.self.sr.",
+    ),
     (
         r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.attention\.reduction_norm\.",
         r"encoder.block.\1.\2.attention.self.layer_norm.",
     ),
-    (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.attention\.proj\.", r"encoder.block.\1.\2.attention.output.dense."),
+    (
+        r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.attention\.proj\.",
+        r"encoder.block.\1.\2.attention.output.dense.",
+    ),
     (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.mix_ffn\.fc1\.", r"encoder.block.\1.\2.mlp.dense1."),
-    (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.mix_ffn\.dwconv\.", r"encoder.block.\1.\2.mlp.dwconv.dwconv."),
+    (
+        r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.mix_ffn\.dwconv\.",
+        r"encoder.block.\1.\2.mlp.dwconv.dwconv.",
+    ),
     (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.mix_ffn\.fc2\.", r"encoder.block.\1.\2.mlp.dense2."),
     (r"^encoder\.", "segformer.encoder."),
     (r"^decode_head\.projections\.(\d+)\.", r"decode_head.linear_c.\1.proj."),
@@ -188,8 +238,10 @@ def _merge_key_value(state: StateDict) -> StateDict:
     for key, pair in halves.items():
         if set(pair) != {"k", "v"}:
             missing = "value" if "k" in pair else "key"
-            raise CheckpointError(f"checkpoint has an attention {'key' if missing == 'value' else 'value'} "
-                                  f"without its {missing}: {key}")
+            raise CheckpointError(
+                f"checkpoint has an attention {'key' if missing == 'value' else 'value'} "
+                f"without its {missing}: {key}"
+            )
         merged[key] = torch.cat([pair["k"], pair["v"]], dim=0)
     return merged
 
@@ -201,7 +253,9 @@ def detect_format(state: StateDict) -> str:
         return "segformer"
     if any(".attention.self.query." in k or k.startswith("decode_head.linear_c.") for k in keys):
         return "hf"
-    if any(".attention.q_proj." in k or k.startswith("decode_head.linear_projections.") for k in keys):
+    if any(
+        ".attention.q_proj." in k or k.startswith("decode_head.linear_projections.") for k in keys
+    ):
         return "hf-live"
     stripped = [re.sub(r"^module\.", "", k) for k in keys]
     if any(k.startswith("backbone.patch_embed") for k in stripped):
@@ -217,7 +271,13 @@ def detect_format(state: StateDict) -> str:
 def to_our_names(state: StateDict, fmt: str | None = None) -> StateDict:
     """Rename a foreign state dict's keys to ours (fusing key/value where stored apart)."""
     fmt = fmt or detect_format(state)
-    rules = {"segformer": [], "hf": HF_RULES, "hf-live": HF_LIVE_RULES, "nvlabs": NVLABS_RULES, "mit": NVLABS_RULES}[fmt]
+    rules = {
+        "segformer": [],
+        "hf": HF_RULES,
+        "hf-live": HF_LIVE_RULES,
+        "nvlabs": NVLABS_RULES,
+        "mit": NVLABS_RULES,
+    }[fmt]
     renamed = {_apply_rules(k, rules): v for k, v in state.items()}
     return _merge_key_value({k: v for k, v in renamed.items() if not _DROPPED.match(k)})
 
@@ -245,15 +305,23 @@ def infer_config(state: StateDict, fmt: str) -> tuple[SegformerConfig, str]:
     weights; every published MiT uses heads [1, 2, 5, 8] and strides 4, 2, 2, 2."""
     stages = sorted({int(m[1]) for k in state if (m := re.match(r"^encoder\.stages\.(\d+)\.", k))})
     if not stages or stages != list(range(len(stages))):
-        raise CheckpointError("cannot infer the encoder layout: patch embeddings missing from the checkpoint")
+        raise CheckpointError(
+            "cannot infer the encoder layout: patch embeddings missing from the checkpoint"
+        )
     hidden, depths, srs, patches, ratios = [], [], [], [], []
     for s in stages:
         proj = state.get(f"encoder.stages.{s}.patch_embed.proj.weight")
         if proj is None:
-            raise CheckpointError(f"cannot infer the encoder layout: stage {s} has no patch embedding weight")
+            raise CheckpointError(
+                f"cannot infer the encoder layout: stage {s} has no patch embedding weight"
+            )
         hidden.append(proj.shape[0])
         patches.append(proj.shape[-1])
-        blocks = {int(m[1]) for k in state if (m := re.match(rf"^encoder\.stages\.{s}\.blocks\.(\d+)\.", k))}
+        blocks = {
+            int(m[1])
+            for k in state
+            if (m := re.match(rf"^encoder\.stages\.{s}\.blocks\.(\d+)\.", k))
+        }
         depths.append(len(blocks))
         red = state.get(f"encoder.stages.{s}.blocks.0.attention.reduction.weight")
         srs.append(red.shape[-1] if red is not None else 1)
@@ -310,7 +378,7 @@ def read_state_dict(path: Path) -> tuple[StateDict, dict[str, Any]]:
             f"{path}: refused to load: the file holds Python objects other than tensors and plain "
             f"data, which could run code ({first})"
         ) from None
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # torch.load fails on junk with many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
     if not isinstance(obj, dict):
@@ -333,8 +401,10 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        reason = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else (
-            f"the hub could not be reached or has no such model ({type(exc).__name__})"
+        reason = (
+            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+            if offline
+            else (f"the hub could not be reached or has no such model ({type(exc).__name__})")
         )
         raise CheckpointError(f"{repo_id}: not a local file or folder, and {reason}") from None
     return Path(folder)
@@ -353,11 +423,15 @@ def resolve(name_or_path: str | os.PathLike[str], revision: str | None = None) -
         return path
     looks_like_repo = re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None
     if not looks_like_repo:
-        raise CheckpointError(f"{name}: no such file or folder (and not a hub id of the form org/name)")
+        raise CheckpointError(
+            f"{name}: no such file or folder (and not a hub id of the form org/name)"
+        )
     return _resolve_hub(name, revision)
 
 
-def _read_model_dir(folder: Path) -> tuple[StateDict, dict[str, Any], SegformerConfig | None, dict[str, Any]]:
+def _read_model_dir(
+    folder: Path,
+) -> tuple[StateDict, dict[str, Any], SegformerConfig | None, dict[str, Any]]:
     config_path = folder / "config.json"
     config_data: dict[str, Any] = {}
     config = None
@@ -366,7 +440,9 @@ def _read_model_dir(folder: Path) -> tuple[StateDict, dict[str, Any], SegformerC
         config_data = json.loads(config_path.read_text(encoding="utf-8"))
     weights = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
     if not weights:
-        loose = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+        loose = sorted(
+            p for p in folder.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin")
+        )
         if len(loose) != 1:
             found = ", ".join(p.name for p in loose) or "none"
             raise CheckpointError(
@@ -398,9 +474,15 @@ def _match(model: torch.nn.Module, state: StateDict, skip: tuple[str, ...], sour
     ]
     if missing or unexpected or misshaped:
         parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ):
             if items:
-                shown = ", ".join(items[:4]) + (f" … (+{len(items) - 4} more)" if len(items) > 4 else "")
+                shown = ", ".join(items[:4]) + (
+                    f" … (+{len(items) - 4} more)" if len(items) > 4 else ""
+                )
                 parts.append(f"{len(items)} {title}: {shown}")
         raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(parts))
     model.load_state_dict(given, strict=False)
@@ -442,9 +524,19 @@ def load(
         config = inferred
         if meta.get("CLASSES") and len(meta["CLASSES"]) == config.num_labels:
             config = config.with_labels([str(c) for c in meta["CLASSES"]])
-    elif config.num_labels == 0:
-        config = replace(config, id2label=inferred.id2label)
-    if stored_task == SEGMENTATION and "SegformerForImageClassification" in extras.get("architectures", []):
+    else:
+        for name in ("hidden_sizes", "depths", "mlp_ratios", "sr_ratios"):
+            said, found = getattr(config, name), getattr(inferred, name)
+            if said != found:
+                raise CheckpointError(
+                    f"{source}: config.json says {name} {said} but the weights have {found}: "
+                    "the config and the weights do not belong together"
+                )
+        if config.num_labels == 0:
+            config = replace(config, id2label=inferred.id2label)
+    if stored_task == SEGMENTATION and "SegformerForImageClassification" in extras.get(
+        "architectures", []
+    ):
         stored_task = CLASSIFICATION
     task = task or (SEGMENTATION if stored_task == "encoder" else stored_task)
     if task not in (SEGMENTATION, CLASSIFICATION):
@@ -463,7 +555,11 @@ def load(
     if config.num_labels == 0:
         raise CheckpointError(f"{source}: an encoder-only checkpoint needs num_labels= or labels=")
 
-    model_cls = SegformerForSemanticSegmentation if task == SEGMENTATION else SegformerForImageClassification
+    model_cls = (
+        SegformerForSemanticSegmentation
+        if task == SEGMENTATION
+        else SegformerForImageClassification
+    )
     model = model_cls(config)
     head = "decode_head.classifier." if task == SEGMENTATION else "classifier."
     skip: tuple[str, ...] = ()
@@ -475,14 +571,20 @@ def load(
         skip = (head,)
         log.warning(
             "%s: checkpoint has %d labels, model has %d: the classifier is newly initialised",
-            source, stored_labels, config.num_labels,
+            source,
+            stored_labels,
+            config.num_labels,
         )
     _match(model, state, skip, source)
 
     metadata: dict[str, Any] = {k: v for k, v in extras.items() if k != "architectures"}
     metadata.setdefault("source", source)
     metadata["format"] = fmt
-    if meta.get("PALETTE") and len(meta["PALETTE"]) == config.num_labels and "palette" not in metadata:
+    if (
+        meta.get("PALETTE")
+        and len(meta["PALETTE"]) == config.num_labels
+        and "palette" not in metadata
+    ):
         metadata["palette"] = [[int(c) for c in rgb] for rgb in meta["PALETTE"]]
     if skip:  # a new head: the stored palette and scores describe a model we no longer have
         metadata.pop("palette", None)
@@ -526,14 +628,18 @@ def save(model: SegformerModel, folder: str | os.PathLike[str]) -> Path:
         else "SegformerForImageClassification"
     )
     config = model.config.to_hf_dict(architecture)
-    meta = {k: v for k, v in model.metadata.items() if k not in ("preprocessing", "format", "source")}
+    meta = {
+        k: v for k, v in model.metadata.items() if k not in ("preprocessing", "format", "source")
+    }
     if meta:
         config.setdefault("segformer", {}).update(meta)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     preprocessing = model.metadata.get("preprocessing") or default_preprocessing()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
         tmp_dir = Path(tmp)
-        save_safetensors(to_hf_names(state), str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(
+            to_hf_names(state), str(tmp_dir / "model.safetensors"), metadata={"format": "pt"}
+        )
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp_dir / "preprocessor_config.json").write_text(
             json.dumps(preprocessing, indent=2) + "\n", encoding="utf-8"

@@ -18,9 +18,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "b0": {"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
     "b1": {"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
     "b2": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 6, 3], "decoder_hidden_size": 768},
-    "b3": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 18, 3], "decoder_hidden_size": 768},
-    "b4": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 8, 27, 3], "decoder_hidden_size": 768},
-    "b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3], "decoder_hidden_size": 768},
+    "b3": {
+        "hidden_sizes": [64, 128, 320, 512],
+        "depths": [3, 4, 18, 3],
+        "decoder_hidden_size": 768,
+    },
+    "b4": {
+        "hidden_sizes": [64, 128, 320, 512],
+        "depths": [3, 8, 27, 3],
+        "decoder_hidden_size": 768,
+    },
+    "b5": {
+        "hidden_sizes": [64, 128, 320, 512],
+        "depths": [3, 6, 40, 3],
+        "decoder_hidden_size": 768,
+    },
 }
 
 # transformers builds every LayerNorm with PyTorch's default eps (1e-5) and ignores the
@@ -87,7 +99,9 @@ class SegformerConfig:
             )
         for width, heads in zip(self.hidden_sizes, self.num_attention_heads, strict=True):
             if width % heads:
-                raise CheckpointError(f"config: hidden size {width} is not divisible by {heads} heads")
+                raise CheckpointError(
+                    f"config: hidden size {width} is not divisible by {heads} heads"
+                )
         if self.hidden_act not in ACTIVATIONS:
             raise CheckpointError(
                 f"config: hidden_act {self.hidden_act!r} is not supported (use one of {sorted(ACTIVATIONS)})"
@@ -124,12 +138,18 @@ class SegformerConfig:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_variant(
-        cls, variant: str, num_labels: int | None = None, labels: list[str] | None = None, **overrides: Any
+        cls,
+        variant: str,
+        num_labels: int | None = None,
+        labels: list[str] | None = None,
+        **overrides: Any,
     ) -> SegformerConfig:
         """A config for ``"b0"`` … ``"b5"`` with ``num_labels`` generic labels or the given names."""
         key = variant.lower().removeprefix("mit-").removeprefix("mit_")
         if key not in VARIANTS:
-            raise CheckpointError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+            raise CheckpointError(
+                f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}"
+            )
         if labels is None:
             labels = [f"class_{i}" for i in range(num_labels or 0)]
         elif num_labels is not None and num_labels != len(labels):
@@ -144,7 +164,9 @@ class SegformerConfig:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> SegformerConfig:
         if data.get("model_type", "segformer") != "segformer":
-            raise CheckpointError(f"config.json describes a {data['model_type']!r} model, not a SegFormer")
+            raise CheckpointError(
+                f"config.json describes a {data['model_type']!r} model, not a SegFormer"
+            )
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "id2label", "layer_norm_eps"}
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         id2label = data.get("id2label")

@@ -75,7 +75,9 @@ class EfficientSelfAttention(nn.Module):
     """Multi-head attention whose keys and values come from a sequence shrunk by ``sr_ratio``²
     (a conv with kernel = stride = sr_ratio), so the cost is N·N/R² instead of N²."""
 
-    def __init__(self, width: int, heads: int, sr_ratio: int, attn_dropout: float, dropout: float) -> None:
+    def __init__(
+        self, width: int, heads: int, sr_ratio: int, attn_dropout: float, dropout: float
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.attn_dropout = attn_dropout
@@ -122,7 +124,7 @@ class MixFFN(nn.Module):
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         x = self.fc1(x)  # (B, N, 4C)
-        b, n, c = x.shape
+        b, _, c = x.shape
         x = self.dwconv(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
         x = self.dropout(self.act(x))
         return self.dropout(self.fc2(x))  # (B, N, C)
@@ -141,7 +143,9 @@ class TransformerBlock(nn.Module):
             config.hidden_dropout_prob,
         )
         self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.mix_ffn = MixFFN(width, config.mlp_ratios[stage], config.hidden_act, config.hidden_dropout_prob)
+        self.mix_ffn = MixFFN(
+            width, config.mlp_ratios[stage], config.hidden_act, config.hidden_dropout_prob
+        )
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
@@ -154,7 +158,10 @@ class EncoderStage(nn.Module):
         super().__init__()
         in_channels = config.num_channels if stage == 0 else config.hidden_sizes[stage - 1]
         self.patch_embed = OverlapPatchEmbed(
-            in_channels, config.hidden_sizes[stage], config.patch_sizes[stage], config.strides[stage]
+            in_channels,
+            config.hidden_sizes[stage],
+            config.patch_sizes[stage],
+            config.strides[stage],
         )
         self.blocks = nn.ModuleList(TransformerBlock(config, stage, rate) for rate in drop_paths)
         self.norm = nn.LayerNorm(config.hidden_sizes[stage], eps=config.layer_norm_eps)
@@ -165,6 +172,22 @@ class EncoderStage(nn.Module):
             x = block(x, h, w)
         x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, C, h, w)
+
+
+def min_input_size(config: SegformerConfig) -> int:
+    """The smallest side length for which every stage's map is at least as large as its
+    key/value reduction kernel."""
+    side = 1
+    while True:
+        size, fits = side, True
+        for patch, stride, ratio in zip(
+            config.patch_sizes, config.strides, config.sr_ratios, strict=True
+        ):
+            size = (size + 2 * (patch // 2) - patch) // stride + 1
+            fits = fits and size >= ratio
+        if fits:
+            return side
+        side += 1
 
 
 class MixTransformer(nn.Module):
@@ -181,8 +204,14 @@ class MixTransformer(nn.Module):
             EncoderStage(config, i, rates[start : start + depth])
             for i, (start, depth) in enumerate(zip(starts, config.depths, strict=True))
         )
+        self.min_size = min_input_size(config)
 
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
+        if min(pixel_values.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"input {tuple(pixel_values.shape[-2:])} is too small: this encoder needs at least "
+                f"{self.min_size} pixels per side (its key/value reduction convs need that much)"
+            )
         features = []
         x = pixel_values
         for stage in self.stages:

@@ -1,0 +1,154 @@
+"""The model against transformers' implementation, the independent reference: same weights in,
+same logits and feature maps out, for every variant."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import transformers
+
+import segformer
+from segformer.config import VARIANTS, SegformerConfig
+from segformer.model import SegformerForImageClassification, SegformerForSemanticSegmentation
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def hf_config(variant: str, num_labels: int) -> transformers.SegformerConfig:
+    row = VARIANTS[variant]
+    return transformers.SegformerConfig(
+        hidden_sizes=row["hidden_sizes"],
+        depths=row["depths"],
+        decoder_hidden_size=row["decoder_hidden_size"],
+        num_labels=num_labels,
+    )
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Move every norm and BatchNorm statistic away from its identity initialisation, so that a
+    parameter wired to the wrong place cannot hide behind ones and zeros."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                module.weight.copy_(1 + 0.2 * torch.randn_like(module.weight))
+                module.bias.copy_(0.2 * torch.randn_like(module.bias))
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(0.3 * torch.randn_like(module.running_mean))
+                module.running_var.copy_(torch.rand_like(module.running_var) + 0.5)
+
+
+@pytest.mark.parametrize("variant", ["b0", "b1", "b2", "b3", "b4", "b5"])
+def test_segmentation_matches_transformers(variant, tmp_path):
+    reference = transformers.SegformerForSemanticSegmentation(hf_config(variant, 7)).eval()
+    randomize(reference)
+    reference.save_pretrained(tmp_path)
+    ours = segformer.load(tmp_path)
+    assert ours.config.variant == variant
+
+    pixel_values = torch.randn(2, 3, 333, 517)
+    with torch.no_grad():
+        expected = reference(pixel_values, output_hidden_states=True)
+        logits = ours(pixel_values)
+        features = ours.encoder(pixel_values)
+
+    assert logits.shape == (2, 7, 84, 130)  # ⌈333/4⌉, ⌈517/4⌉
+    assert rel(logits, expected.logits) <= 1e-5
+    assert len(features) == len(expected.hidden_states) == 4
+    for ours_map, reference_map in zip(features, expected.hidden_states, strict=True):
+        assert ours_map.shape == reference_map.shape
+        assert rel(ours_map, reference_map) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_classification_matches_transformers(variant, tmp_path):
+    reference = transformers.SegformerForImageClassification(hf_config(variant, 10)).eval()
+    randomize(reference)
+    reference.save_pretrained(tmp_path)
+    ours = segformer.load(tmp_path)
+    assert isinstance(ours, SegformerForImageClassification)
+
+    pixel_values = torch.randn(2, 3, 224, 160)
+    with torch.no_grad():
+        assert rel(ours(pixel_values), reference(pixel_values).logits) <= 1e-5
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (65, 97), (31, 33), (29, 30)])
+def test_logits_are_a_quarter_of_any_size_rounded_up(tiny_model, height, width):
+    with torch.no_grad():
+        logits = tiny_model(torch.randn(1, 3, height, width))
+    assert logits.shape == (1, 3, -(-height // 4), -(-width // 4))
+
+
+def test_too_small_input_is_refused_clearly(tiny_model):
+    # Stage 1 runs at 1/4 resolution with an 8×8 key/value reduction: 29 pixels is the minimum.
+    with pytest.raises(ValueError, match="at least 29 pixels"):
+        tiny_model(torch.randn(1, 3, 28, 64))
+
+
+def test_encoder_returns_four_strided_maps(tiny_model, tiny_config):
+    with torch.no_grad():
+        features = tiny_model.encoder(torch.randn(1, 3, 96, 128))
+    assert [f.shape[1] for f in features] == tiny_config.hidden_sizes
+    assert [tuple(f.shape[2:]) for f in features] == [(24, 32), (12, 16), (6, 8), (3, 4)]
+
+
+# The paper's parameter counts (segmentation, 150 ADE20K labels), in millions.
+PAPER_PARAMETERS = {"b0": 3.75, "b1": 13.7, "b2": 27.5, "b3": 47.3, "b4": 64.1, "b5": 84.7}
+
+
+@pytest.mark.parametrize("variant", list(PAPER_PARAMETERS))
+def test_parameter_counts_equal_the_paper(variant):
+    with torch.device("meta"):
+        model = SegformerForSemanticSegmentation(SegformerConfig.from_variant(variant, 150))
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    digits = 2 if variant == "b0" else 1
+    assert round(count, digits) == PAPER_PARAMETERS[variant]
+
+
+def test_stochastic_depth_rises_linearly_to_the_configured_rate():
+    model = SegformerForSemanticSegmentation(
+        SegformerConfig.from_variant("b2", 2, drop_path_rate=0.1)
+    )
+    rates = [block.drop_path.rate for stage in model.encoder.stages for block in stage.blocks]
+    assert len(rates) == 16
+    assert rates[0] == 0.0
+    assert rates[-1] == pytest.approx(0.1)
+    steps = [b - a for a, b in itertools.pairwise(rates)]
+    assert all(s == pytest.approx(0.1 / 15) for s in steps)
+
+
+def test_training_mode_is_stochastic_and_eval_mode_is_not(tiny_config):
+    model = SegformerForSemanticSegmentation(
+        SegformerConfig(**{**tiny_config.__dict__, "drop_path_rate": 0.5, "extra": {}})
+    )
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_variant_table_matches_the_paper():
+    assert VARIANTS["b0"]["hidden_sizes"] == [32, 64, 160, 256]
+    for name in ("b1", "b2", "b3", "b4", "b5"):
+        assert VARIANTS[name]["hidden_sizes"] == [64, 128, 320, 512]
+    depths = {name: row["depths"] for name, row in VARIANTS.items()}
+    assert depths == {
+        "b0": [2, 2, 2, 2],
+        "b1": [2, 2, 2, 2],
+        "b2": [3, 4, 6, 3],
+        "b3": [3, 4, 18, 3],
+        "b4": [3, 8, 27, 3],
+        "b5": [3, 6, 40, 3],
+    }
+    assert {
+        row["decoder_hidden_size"] for name, row in VARIANTS.items() if name in ("b0", "b1")
+    } == {256}
+    assert {
+        row["decoder_hidden_size"] for name, row in VARIANTS.items() if name not in ("b0", "b1")
+    } == {768}
