@@ -599,22 +599,6 @@ def load(
 # ---------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------
-def default_preprocessing(size: tuple[int, int] = (512, 512)) -> dict[str, Any]:
-    """preprocessor_config.json as transformers' SegformerImageProcessor writes it."""
-    return {
-        "image_processor_type": "SegformerImageProcessor",
-        "do_resize": True,
-        "size": {"height": size[0], "width": size[1]},
-        "resample": 2,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "do_reduce_labels": False,
-    }
-
-
 def save(model: SegformerModel, folder: str | os.PathLike[str]) -> Path:
     """Write ``model`` in Hugging Face layout (config.json, model.safetensors with the classic
     key names, preprocessor_config.json) so that transformers loads it unchanged. Metadata
@@ -634,7 +618,9 @@ def save(model: SegformerModel, folder: str | os.PathLike[str]) -> Path:
     if meta:
         config.setdefault("segformer", {}).update(meta)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    preprocessing = model.metadata.get("preprocessing") or default_preprocessing()
+    from segformer.processing import ImageProcessor  # processing resolves names through this module
+
+    preprocessing = model.metadata.get("preprocessing") or ImageProcessor().to_dict()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
         tmp_dir = Path(tmp)
         save_safetensors(
