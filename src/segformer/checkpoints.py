@@ -327,7 +327,8 @@ def infer_config(state: StateDict, fmt: str) -> tuple[SegformerConfig, str]:
         srs.append(red.shape[-1] if red is not None else 1)
         fc1 = state.get(f"encoder.stages.{s}.blocks.0.mix_ffn.fc1.weight")
         ratios.append(fc1.shape[0] // proj.shape[0] if fc1 is not None else 4)
-    heads = [1, 2, 5, 8] if len(stages) == 4 else [max(1, h // 64) for h in hidden]
+    standard = [1, 2, 5, 8] if len(stages) == 4 else [max(1, h // 64) for h in hidden]
+    heads = [n if width % n == 0 else 1 for n, width in zip(standard, hidden, strict=True)]
     strides = [4 if p == 7 else 2 for p in patches]
     if "decode_head.classifier.weight" in state:
         task = SEGMENTATION
