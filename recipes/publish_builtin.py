@@ -1,0 +1,175 @@
+"""Turn a finished CamVid run into the package's built-in model, with its model card.
+
+    python recipes/publish_builtin.py runs/camvid-b0 [--data ../shared/data/camvid]
+
+Evaluates the run's best checkpoint on CamVid val with the library's own evaluation (whole
+image at 480×360; then flip; then multi-scale + flip), writes the weights, config and
+preprocessing into src/segformer/builtin/camvid-b0/ with the metrics in the model's metadata,
+copies the training curves, and writes the model card (README.md) from those numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import segformer
+from segformer.data import open_dataset
+from segformer.inference import InferenceMode
+from segformer.metrics import evaluate_dataset
+from segformer.processing import ImageProcessor
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = REPO / "src" / "segformer" / "builtin" / "camvid-b0"
+MODES = {
+    "whole": InferenceMode("whole"),
+    "whole + flip": InferenceMode("whole", flip=True),
+    "multi-scale (0.5–1.75) + flip": InferenceMode("whole", scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True),
+}
+DATA_TERMS = (
+    "CamVid (Brostow, Fauqueur, Cipolla, 'Semantic object classes in video: a high-definition "
+    "ground truth database', Pattern Recognition Letters 2008), 11-class version as "
+    "redistributed with the SegNet tutorial; a research data set — check its terms before "
+    "commercial use of models trained on it."
+)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="the training run folder (with best/ and history.json)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "camvid"))
+    parser.add_argument("--wall-time", default=None, help="training wall time to report, e.g. '2 h 40 min'")
+    args = parser.parse_args()
+
+    model = segformer.load(args.run / "best")
+    processor = ImageProcessor.from_model(model)
+    dataset = open_dataset(args.data, "camvid", "val")
+    results = {}
+    for name, mode in MODES.items():
+        metrics = evaluate_dataset(model, dataset, mode, processor=processor, progress=True)
+        results[name] = metrics
+        print(f"{name}: {metrics.summary()}")
+
+    whole = results["whole"]
+    history = json.loads((args.run / "history.json").read_text())
+    training = model.metadata.get("training", {})
+    model.metadata.update(
+        {
+            "name": "camvid-b0",
+            "license": "Apache-2.0 (weights trained by the segformer project); data: CamVid research terms",
+            "source": "trained from scratch by the segformer project (recipes/camvid-b0.yaml)",
+            "dataset": "CamVid 11 classes, train split (367 images); selected on val (101 images)",
+            "metrics": {
+                "dataset": "camvid:val",
+                "size": "480x360",
+                **{
+                    name: {k: round(v, 2) for k, v in m.summary().items()}
+                    for name, m in results.items()
+                },
+                "per_class_IoU": {
+                    n: (None if math.isnan(v) else round(100 * v, 2))
+                    for n, v in zip(whole.labels, whole.iou, strict=True)
+                },
+            },
+            "training": {k: v for k, v in training.items() if k != "recipe"},
+        }
+    )
+
+    with tempfile.TemporaryDirectory(dir=TARGET.parent, prefix=".publish-") as tmp:
+        staging = Path(tmp) / "camvid-b0"
+        segformer.save(model, staging)
+        for plot in ("training_curves.png", "validation.png", "per_class_iou.png"):
+            if (args.run / "plots" / plot).is_file():
+                shutil.copy(args.run / "plots" / plot, staging / plot)
+        (staging / "README.md").write_text(
+            model_card(results, history, training, args.wall_time), encoding="utf-8"
+        )
+        if TARGET.exists():
+            shutil.rmtree(TARGET)
+        os.replace(staging, TARGET)
+    size = (TARGET / "model.safetensors").stat().st_size / 2**20
+    print(f"published to {TARGET} (weights {size:.1f} MiB)")
+
+
+def model_card(results: dict, history: dict, training: dict, wall_time: str | None) -> str:
+    whole = results["whole"]
+    steps = training.get("steps", "?")
+    recipe = training.get("recipe", {})
+    rows = "\n".join(
+        f"| {name} | {m.summary()['mIoU']:.2f} | {m.summary()['mAcc']:.2f} | {m.summary()['aAcc']:.2f} |"
+        for name, m in results.items()
+    )
+    per_class = "\n".join(
+        f"| {n} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |"
+        for n, v in zip(whole.labels, whole.iou, strict=True)
+    )
+    best = max(history.get("val", []), key=lambda r: r["mIoU"], default=None)
+    selected = f"step {best['step']} (val mIoU {best['mIoU']:.2f} during training)" if best else "the last step"
+    return f"""# camvid-b0: SegFormer-B0 trained from scratch on CamVid
+
+The model `segformer predict`, `segformer serve` and `segformer eval` use when no `--model` is
+given. A SegFormer-B0 (3.7 M parameters) trained **from scratch** — no ImageNet encoder, no
+other pretrained weights — by this project's own trainer and recipe.
+
+- Classes (11): sky, building, pole, road, pavement, tree, sign/symbol, fence, car,
+  pedestrian, bicyclist; CamVid's void label is ignored. Standard CamVid colours.
+- Input: the whole image at its own size (CamVid frames are 480×360), ImageNet mean/std.
+
+## Results on CamVid val (101 images, 480×360)
+
+| inference | mIoU | mAcc | aAcc |
+| --- | --- | --- | --- |
+{rows}
+
+Per-class IoU (whole image, no test-time augmentation):
+
+| class | IoU |
+| --- | --- |
+{per_class}
+
+Reproduce: `segformer eval --data ../shared/data/camvid --format camvid --split val --native`
+(add `--flip`, or `--scales 0.5 0.75 1 1.25 1.5 1.75 --flip`). The CamVid test split was
+never used: it is held back to judge this model.
+
+## Training
+
+- Data: CamVid train (367 images). Model selection: val mIoU, best at {selected}.
+- Recipe: `recipes/camvid-b0.yaml` — random resize 0.5–2.0 of each image's own size,
+  random {recipe.get("crop_size", "?")} crops (at most 75 % one class), flip, photometric
+  distortion; AdamW lr {recipe.get("lr", "?")}, weight decay {recipe.get("weight_decay", "?")},
+  linear warm-up then polynomial decay, ENet class weights, gradient clipping, bf16 autocast.
+- Command: `segformer train recipes/camvid-b0.yaml` (resume with `segformer train --resume runs/camvid-b0`),
+  then `python recipes/publish_builtin.py runs/camvid-b0`.
+- Steps: {steps} of batch {recipe.get("batch_size", "?")}.
+- Hardware: {cpu_name()}, 2 cores, no GPU (torch {torch.__version__}).
+- Wall time: {wall_time or "see the run log"}.
+
+![training curves](training_curves.png)
+![validation mIoU](validation.png)
+
+## Licence
+
+Weights: Apache-2.0, like the code that trained them. Data: {DATA_TERMS}
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The training recipe and the runs around it: hand-computed schedule and loss, parameter
+groups, configuration files and overrides, bit-identical resume after SIGKILL, divergence
+handling, and what a finished run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segformer
+from segformer.errors import SegformerError
+from segformer.train import (
+    TrainConfig,
+    TrainingDiverged,
+    WarmupPolySchedule,
+    load_checkpoint,
+    parameter_groups,
+    segmentation_loss,
+    train,
+)
+from segformer.train_config import HELP, read_config_file
+from tests.segdata import make_samples, write_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures: a tiny data set and a tiny model to start from
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_folder(root, make_samples(8, seed=1), "train")
+    write_folder(root, make_samples(4, seed=2), "val")
+    return root
+
+
+@pytest.fixture
+def small_config():
+    """A narrow model whose widths suit the published head counts [1, 2, 5, 8], so that files
+    saved from it load through every path (some infer heads from weights)."""
+    from segformer.config import SegformerConfig
+
+    return SegformerConfig(
+        hidden_sizes=[8, 16, 40, 64],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 2, 5, 8],
+        decoder_hidden_size=16,
+        id2label={0: "background", 1: "thing", 2: "stuff"},
+    )
+
+
+@pytest.fixture
+def start_model(tmp_path, small_config) -> Path:
+    from segformer.model import SegformerForSemanticSegmentation
+
+    return segformer.save(SegformerForSemanticSegmentation(small_config), tmp_path / "start")
+
+
+def tiny_run(dataset_root: Path, start_model: Path, out: Path, **changes) -> TrainConfig:
+    settings = dict(
+        data=str(dataset_root),
+        format="folder",
+        model=str(start_model),
+        output_dir=str(out),
+        crop_size=[32, 32],
+        scale=[64, 48],
+        batch_size=2,
+        max_steps=8,
+        warmup_steps=2,
+        lr=1e-3,
+        eval_interval=4,
+        eval_scale=None,
+        checkpoint_interval=2,
+        keep_checkpoints=2,
+        log_interval=2,
+        num_workers=0,
+        threads=1,
+        deterministic=True,
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+# ---------------------------------------------------------------------------------------
+# Recipe pieces against hand-computed values
+# ---------------------------------------------------------------------------------------
+def test_warmup_poly_schedule_matches_hand_computed_values():
+    schedule = WarmupPolySchedule(
+        base_lr=6e-5, max_steps=100, warmup_steps=10, warmup_ratio=1e-6, power=1.0
+    )
+    # lr = base · (1 − s/100) · (1 − (1 − s/10)(1 − 1e-6)) while s < 10, then base · (1 − s/100)
+    assert schedule(0) * 6e-5 == pytest.approx(6e-5 * 1e-6, rel=1e-9)
+    assert schedule(5) * 6e-5 == pytest.approx(6e-5 * 0.95 * 0.5000005, rel=1e-9)
+    assert schedule(10) * 6e-5 == pytest.approx(6e-5 * 0.9, rel=1e-12)
+    assert schedule(50) * 6e-5 == pytest.approx(3e-5, rel=1e-12)
+    assert schedule(100) == 0.0
+    squared = WarmupPolySchedule(base_lr=1.0, max_steps=10, power=2.0, min_lr=0.1)
+    assert squared(5) == pytest.approx(0.9 * 0.25 + 0.1)
+
+
+def test_optimizer_groups_head_lr_and_no_decay_on_norms_and_biases(tiny_model):
+    groups = {
+        g["name"]: g
+        for g in parameter_groups(tiny_model, lr=6e-5, weight_decay=0.01, head_lr_mult=10)
+    }
+    assert set(groups) == {"encoder", "encoder (no decay)", "head", "head (no decay)"}
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    for group in groups.values():
+        members = [names[id(p)] for p in group["params"]]
+        assert all(
+            n.startswith("decode_head.") == group["name"].startswith("head") for n in members
+        )
+        if "no decay" in group["name"]:
+            assert group["weight_decay"] == 0.0
+            assert all(n.endswith(".bias") or "norm" in n for n in members)
+        else:
+            assert group["weight_decay"] == 0.01
+            assert all(n.endswith(".weight") and "norm" not in n for n in members)
+    assert groups["head"]["lr"] == pytest.approx(6e-4) and groups["encoder"]["lr"] == pytest.approx(
+        6e-5
+    )
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(tiny_model.parameters()))
+
+
+def test_loss_is_cross_entropy_averaged_over_labelled_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2)
+    labels = torch.tensor([[[0, 1, 255, 2], [2, 255, 1, 0], [0, 0, 1, 1], [2, 2, 255, 0]]])
+    up = F.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=False)
+    log_probs = up.log_softmax(1)[0]
+    valid = [(y, x) for y in range(4) for x in range(4) if labels[0, y, x] != 255]
+    expected = -sum(log_probs[labels[0, y, x], y, x] for y, x in valid) / len(valid)
+    assert segmentation_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    weighted = -sum(
+        weights[labels[0, y, x]] * log_probs[labels[0, y, x], y, x] for y, x in valid
+    ) / len(valid)
+    assert segmentation_loss(logits, labels, weights).item() == pytest.approx(
+        weighted.item(), rel=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+def test_every_setting_is_documented():
+    assert set(HELP) == set(TrainConfig.__dataclass_fields__)
+
+
+def test_config_from_yaml_and_toml_with_overrides(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(
+        "format: camvid\ncrop_size: [360, 480]\nmax-steps: 2000\nscale: null\n"
+    )
+    (tmp_path / "recipe.toml").write_text(
+        'format = "camvid"\ncrop_size = [360, 480]\nmax_steps = 2000\n'
+    )
+    from_yaml = TrainConfig.from_file(tmp_path / "recipe.yaml")
+    from_toml = TrainConfig.from_file(tmp_path / "recipe.toml")
+    assert (from_yaml.format, from_yaml.crop_size, from_yaml.max_steps, from_yaml.scale) == (
+        "camvid",
+        [360, 480],
+        2000,
+        None,
+    )
+    assert (from_toml.crop_size, from_toml.max_steps) == ([360, 480], 2000)
+    changed = TrainConfig.from_dict(
+        {"lr": "1e-4", "crop_size": "256,256", "class_weights": "1,2,3", "val_split": "none"},
+        base=from_yaml,
+    )
+    assert (
+        changed.lr == 1e-4
+        and changed.crop_size == [256, 256]
+        and changed.class_weights == [1.0, 2.0, 3.0]
+    )
+    assert changed.val_split is None and changed.format == "camvid"
+    with pytest.raises(SegformerError, match="did you mean max_steps"):
+        TrainConfig.from_dict({"max_step": 5})
+    with pytest.raises(SegformerError, match="batch_size must be int"):
+        TrainConfig.from_dict({"batch_size": "eight"})
+    with pytest.raises(SegformerError, match="precision"):
+        TrainConfig(precision="fp8")
+    (tmp_path / "broken.yaml").write_text("crop_size: [1, 2\n")
+    with pytest.raises(SegformerError, match="not valid YAML"):
+        read_config_file(tmp_path / "broken.yaml")
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------
+def test_run_leaves_checkpoints_reports_and_a_loadable_best_model(
+    dataset_root, start_model, tmp_path
+):
+    result = train(tiny_run(dataset_root, start_model, tmp_path / "run", lr=2e-3))
+    run = tmp_path / "run"
+    assert result.steps == 8 and result.best_metrics is not None
+    # last K checkpoints plus the best one
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
+    assert kept[-2:] == ["step-0000006.pt", "step-0000008.pt"]
+    assert f"step-{result.best_step:07d}.pt" in kept and len(kept) <= 3
+    assert not list((run / "checkpoints").glob(".*tmp*"))
+    saved = TrainConfig.from_file(run / "config.yaml")
+    assert saved.max_steps == 8 and saved.crop_size == [32, 32]
+    best = segformer.load(run / "best")
+    assert best.labels == ["background", "thing", "stuff"]
+    assert best.metadata["metrics"]["mIoU"] == pytest.approx(
+        result.best_metrics.summary()["mIoU"], abs=1e-3
+    )
+    assert best.metadata["preprocessing"]["do_resize"] is False
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(100 * result.best_metrics.mean_iou, abs=1e-3)
+    assert np.array_equal(np.array(metrics["confusion_matrix"]), result.best_metrics.confusion)
+    for picture in ("training_curves", "validation", "per_class_iou", "confusion_matrix"):
+        assert (run / "plots" / f"{picture}.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    history = json.loads((run / "history.json").read_text())
+    assert [r["step"] for r in history["train"]] == [2, 4, 6, 8]
+    assert [r["step"] for r in history["val"]] == [4, 8]
+    assert all(math.isfinite(r["loss"]) for r in history["train"])
+    with pytest.raises(SegformerError, match="already holds checkpoints"):
+        train(tiny_run(dataset_root, start_model, run))
+
+
+_KILLING_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import segformer.train as training
+
+    calls = 0
+    original = training.save_checkpoint
+
+    def save_then_die(state, path):
+        # Die in the middle of the third checkpoint write: a half-written temporary file is
+        # left behind and every step after the second checkpoint is lost.
+        global calls
+        calls += 1
+        if calls == 3:
+            path.with_name(f".{path.name}.tmp").write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(state, path)
+
+    training.save_checkpoint = save_then_die
+    from segformer.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def _segformer(args: list[str], script: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SEGFORMER_ALLOCATOR": "system", "OMP_NUM_THREADS": "1"}
+    command = (
+        [sys.executable, "-c", script, *args]
+        if script
+        else [sys.executable, "-m", "segformer.cli", *args]
+    )
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_sigkill_is_bit_identical(dataset_root, start_model, tmp_path):
+    base = tiny_run(dataset_root, start_model, tmp_path / "x", num_workers=1, photometric=True)
+    recipe = tmp_path / "recipe.yaml"
+    base.save(recipe)
+
+    whole = _segformer(["train", str(recipe), "--output-dir", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+
+    killed = _segformer(
+        ["train", str(recipe), "--output-dir", str(tmp_path / "killed")], script=_KILLING_RUN
+    )
+    assert killed.returncode == -9, killed.stderr
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*.pt")) == [
+        "step-0000002.pt",
+        "step-0000004.pt",
+    ]
+    assert list(checkpoints.glob(".*tmp*"))  # the interrupted write left only its temporary file
+
+    resumed = _segformer(["train", "--resume", str(tmp_path / "killed")])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "step-0000004.pt" in resumed.stderr
+    assert not list(checkpoints.glob(".*tmp*"))  # cleaned up on resume
+
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-0000008.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "step-0000008.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for state_a, state_b in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state_a[name], state_b[name])
+    assert (
+        a["data"] == b["data"] and a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 8
+    )
+    assert [r["loss"] for r in a["history"]["train"]] == [r["loss"] for r in b["history"]["train"]]
+    assert a["best"] == b["best"]
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(
+    dataset_root, start_model, tmp_path, monkeypatch
+):
+    import segformer.train as training
+
+    real_loss = training.segmentation_loss
+    calls = {"n": 0}
+
+    def loss_turning_nan(logits, labels, weights=None):
+        calls["n"] += 1
+        loss = real_loss(logits, labels, weights)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(training, "segmentation_loss", loss_turning_nan)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step-0000004\.pt"):
+        train(tiny_run(dataset_root, start_model, run, eval_interval=0))
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [
+        "step-0000002.pt",
+        "step-0000004.pt",
+    ]
+
+
+def test_start_from_a_checkpoint_with_another_label_set_or_an_encoder(
+    dataset_root, small_config, tmp_path
+):
+    from segformer.model import SegformerForImageClassification, SegformerForSemanticSegmentation
+
+    five = SegformerForSemanticSegmentation(small_config.with_labels([f"c{i}" for i in range(5)]))
+    folder = segformer.save(five, tmp_path / "five")
+    labels = tmp_path / "labels.json"
+    labels.write_text(
+        json.dumps(
+            {"labels": ["sky", "road", "car"], "palette": [[0, 0, 255], [90, 90, 90], [255, 0, 0]]}
+        )
+    )
+    result = train(
+        tiny_run(
+            dataset_root,
+            folder,
+            tmp_path / "relabelled",
+            labels=str(labels),
+            max_steps=2,
+            eval_interval=0,
+        )
+    )
+    model = segformer.load(result.run_dir / "best")
+    assert model.labels == ["sky", "road", "car"] and model.metadata["palette"][2] == [255, 0, 0]
+    # the encoder carried over (it moved only by two small steps), the classifier is new
+    start = five.state_dict()
+    after = model.state_dict()
+    assert (
+        after["encoder.stages.0.patch_embed.proj.weight"]
+        - start["encoder.stages.0.patch_embed.proj.weight"]
+    ).abs().max() < 0.05
+    assert after["decode_head.classifier.weight"].shape == (
+        3,
+        small_config.decoder_hidden_size,
+        1,
+        1,
+    )
+
+    imagenet = SegformerForImageClassification(
+        small_config.with_labels([f"n{i}" for i in range(7)])
+    )
+    torch.save({"state_dict": imagenet.state_dict()}, tmp_path / "mit.pth")
+    result = train(
+        tiny_run(
+            dataset_root,
+            tmp_path / "mit.pth",
+            tmp_path / "from_encoder",
+            labels=str(labels),
+            max_steps=2,
+            eval_interval=0,
+        )
+    )
+    assert segformer.load(result.run_dir / "best").labels == ["sky", "road", "car"]
+
+
+def test_train_command_reports_bad_settings_in_one_line(tmp_path, capsys):
+    from segformer.cli import main
+
+    assert main(["train", "--max-steps", "3"]) == 2
+    assert "error: no dataset: give --data DIR" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--set", "max_step=3"]) == 2
+    assert "unknown setting 'max_step' (did you mean max_steps?)" in capsys.readouterr().err
+    assert (
+        main(["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run")])
+        == 2
+    )
+    assert "no such dataset folder" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_accumulation_clipping_bf16_and_class_weights_run(dataset_root, start_model, tmp_path):
+    config = tiny_run(
+        dataset_root,
+        start_model,
+        tmp_path / "run",
+        max_steps=2,
+        grad_accum_steps=2,
+        clip_grad_norm=0.5,
+        precision="bf16",
+        class_weights="median-frequency",
+        eval_interval=0,
+        checkpoint_interval=2,
+    )
+    result = train(config)
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000002.pt")
+    # 8 images, batch 2: 4 batches per epoch, two per optimizer step
+    assert checkpoint["data"] == {"epoch": 0, "batches_done": 4}
+    assert all(math.isfinite(r["loss"]) for r in result.history["train"])
