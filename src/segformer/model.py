@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -297,6 +296,9 @@ class SegformerForSemanticSegmentation(nn.Module):
         self.encoder = MixTransformer(config)
         self.decode_head = AllMLPDecoder(config)
         init_weights(self, config.initializer_range)
+        # A classifier that starts near zero gives first losses of about ln(num_labels),
+        # instead of many times that under the He init the other convs get.
+        nn.init.normal_(self.decode_head.classifier.weight, std=0.01)
         # Filled in by segformer.checkpoints: labels' palette, preprocessing, licence, source.
         self.metadata: dict = {}
 

@@ -337,33 +337,23 @@ def resolve_labels(
 
 def build_model(config: TrainConfig, labels: list[str]) -> SegformerForSemanticSegmentation:
     """A fresh model (``config.model`` is a variant) or one started from a checkpoint, with a
-    classifier for ``labels``. A classifier made anew starts near zero (normal, std 0.01, as
-    mmseg's decode heads do), so the first losses are about ln K rather than many times it."""
+    classifier for ``labels`` (made anew, near zero, when the checkpoint's label set differs)."""
     import segformer
 
     overrides = {} if config.drop_path_rate is None else {"drop_path_rate": config.drop_path_rate}
     torch.manual_seed(config.seed)
     if is_variant(config.model):
-        model = SegformerForSemanticSegmentation(
+        return SegformerForSemanticSegmentation(
             SegformerConfig.from_variant(config.model, labels=labels, **overrides)
         )
-        new_head = True
-    else:
-        try:
-            model = segformer.load(config.model, task="semantic-segmentation", **overrides)
-            new_head = model.config.num_labels != len(labels)
-        except SegformerError:  # an encoder-only checkpoint needs the label count to load
-            new_head = True
-        if new_head:
-            model = segformer.load(
-                config.model, labels=labels, task="semantic-segmentation", **overrides
-            )
-        elif model.labels != list(labels):  # same count: only the names change
-            model.config = model.config.with_labels(list(labels))
-    if new_head:
-        classifier = model.decode_head.classifier
-        nn.init.normal_(classifier.weight, std=0.01)
-        nn.init.zeros_(classifier.bias)
+    try:
+        model = segformer.load(config.model, task="semantic-segmentation", **overrides)
+    except SegformerError:  # an encoder-only checkpoint needs the label count to load
+        return segformer.load(config.model, labels=labels, task="semantic-segmentation", **overrides)
+    if model.config.num_labels != len(labels):
+        return segformer.load(config.model, labels=labels, task="semantic-segmentation", **overrides)
+    if model.labels != list(labels):  # same count: only the names change
+        model.config = model.config.with_labels(list(labels))
     return model
 
 
