@@ -76,6 +76,14 @@ def test_classification_matches_transformers(variant, tmp_path):
         assert rel(ours(pixel_values), reference(pixel_values).logits) <= 1e-5
 
 
+def test_folded_decoder_equals_the_published_composition(tiny_model):
+    features = tiny_model.encoder(torch.randn(2, 3, 70, 90))
+    with torch.no_grad():
+        folded = tiny_model.decode_head(features)
+        published = tiny_model.decode_head.forward_as_published(features)
+    assert rel(folded, published) <= 1e-6
+
+
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (65, 97), (31, 33), (29, 30)])
 def test_logits_are_a_quarter_of_any_size_rounded_up(tiny_model, height, width):
     with torch.no_grad():

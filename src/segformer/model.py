@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -252,6 +253,19 @@ class AllMLPDecoder(nn.Module):
             block = fuse[:, (last - i) * width : (last - i + 1) * width]  # (D, D)
             mixers.append((block @ projection.weight, block @ projection.bias))
         return mixers
+
+    def forward_as_published(self, features: list[Tensor]) -> Tensor:
+        """The decoder as the paper draws it: project, upsample, concatenate, fuse. Same
+        function as ``forward``; kept as the reference and for counting the paper's FLOPs."""
+        size = features[0].shape[2:]
+        unified = []
+        for feature, projection in zip(features, self.projections, strict=True):
+            x = projection(feature.flatten(2).transpose(1, 2))  # (B, h·w, D)
+            x = x.transpose(1, 2).reshape(feature.shape[0], -1, *feature.shape[2:])  # (B, D, h, w)
+            unified.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        x = self.fuse(torch.cat(unified[::-1], dim=1))  # (B, D, H/4, W/4)
+        x = self.dropout(self.act(self.fuse_norm(x)))
+        return self.classifier(x)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         size = features[0].shape[2:]

@@ -282,7 +282,8 @@ def model_info(
         info["macs"] = {
             "height": macs_at[0],
             "width": macs_at[1],
-            "macs": count_macs(model, macs_at),
+            "macs": count_macs(model, macs_at),  # the architecture as published
+            "macs_computed": count_macs(model, macs_at, as_published=False),  # what runs here
         }
     return info
 

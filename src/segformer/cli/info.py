@@ -107,6 +107,13 @@ def format_info(info: dict[str, Any]) -> str:
                 '(convs, linear layers, attention matmuls; the paper\'s "GFLOPs")',
             )
         )
+        rows.append(
+            (
+                "computed",
+                f"{macs['macs_computed'] / 1e9:.2f} GMACs (the decoder's projections folded "
+                "into its fuse conv: same function, fewer operations)",
+            )
+        )
     rows += [
         ("labels", f"{info['num_labels']}: {shown}"),
         ("palette", info["palette_source"]),
