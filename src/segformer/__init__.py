@@ -29,6 +29,9 @@ _EXPORTS = {
     "MixTransformer": "segformer.model",
     "SegformerForSemanticSegmentation": "segformer.model",
     "SegformerForImageClassification": "segformer.model",
+    "ImageProcessor": "segformer.processing",
+    "Segmenter": "segformer.segmenter",
+    "InferenceMode": "segformer.inference",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -56,3 +59,6 @@ if TYPE_CHECKING:
         SegformerForImageClassification,
         SegformerForSemanticSegmentation,
     )
+    from segformer.inference import InferenceMode
+    from segformer.processing import ImageProcessor
+    from segformer.segmenter import Segmenter

@@ -1,9 +1,23 @@
-"""Use tcmalloc for the command line and the server when the system has it.
+"""A faster memory allocator for the command line and the server, chosen before PyTorch starts.
 
-PyTorch on CPU allocates and frees large buffers all the time; glibc's malloc returns them to
-the kernel and faults them back in, which made inference ~1.5x slower on our test VM. The
-allocator must be chosen before the process starts, so the CLI re-executes itself once with
-``LD_PRELOAD`` set. ``SEGFORMER_ALLOCATOR=system`` turns this off.
+PyTorch on the CPU allocates and frees large buffers on every forward pass. glibc's malloc
+serves big blocks with fresh ``mmap`` calls and gives them back to the kernel on ``free``, so
+every inference pays the page faults again: on our test VM that made transformers' B0 ~1.5×
+slower (286 ms instead of 191 ms at 512²). Two cures, in order of preference:
+
+1. **tcmalloc** (``LD_PRELOAD``), when the system has it (Debian/Ubuntu:
+   ``apt install libgoogle-perftools4`` or ``libtcmalloc-minimal4``): it keeps freed memory
+   for reuse.
+2. Otherwise **glibc tunables** (``GLIBC_TUNABLES``): a larger, fixed mmap threshold and a
+   large trim threshold keep freed blocks in the heap, and transparent huge pages make the
+   faults that remain cheaper.
+
+Both only work when set before the process starts, so ``segformer`` (every subcommand,
+``serve`` included) re-executes itself once with the environment set; ``environment()`` gives
+the same variables for launching anything else (a uvicorn worker, a benchmark subprocess).
+
+``SEGFORMER_ALLOCATOR``: ``auto`` (default: tcmalloc if present, else tuned glibc),
+``tcmalloc``, ``glibc`` (tuned glibc), or ``system`` (change nothing).
 """
 
 from __future__ import annotations
@@ -16,13 +30,27 @@ TCMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
     "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
     "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4",
     "/usr/lib64/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc.so.4",
     "/usr/lib/libtcmalloc_minimal.so.4",
+    "/usr/local/lib/libtcmalloc_minimal.so.4",
 )
+# glibc's largest allowed mmap threshold on 64-bit systems is 32 MiB; blocks below it come from
+# the heap. Freed heap memory is returned only above the trim threshold (here 1 GiB), and
+# hugetlb=1 asks for transparent huge pages on what is still mapped (glibc ≥ 2.35).
+GLIBC_TUNING = (
+    "glibc.malloc.mmap_threshold=33554432",
+    "glibc.malloc.trim_threshold=1073741824",
+    "glibc.malloc.top_pad=67108864",
+    "glibc.malloc.hugetlb=1",
+)
+CHOICES = ("auto", "tcmalloc", "glibc", "system")
 _MARK = "SEGFORMER_ALLOCATOR_SET"
 
 
 def find_tcmalloc() -> str | None:
+    """The path of the system's tcmalloc library, if there is one."""
     for candidate in TCMALLOC_CANDIDATES:
         if Path(candidate).is_file():
             return candidate
@@ -30,24 +58,50 @@ def find_tcmalloc() -> str | None:
 
 
 def allocator_in_use() -> str:
-    """'tcmalloc' when it is preloaded into this process, else 'glibc'."""
-    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+    """``tcmalloc`` when it is preloaded into this process, ``glibc (tuned)`` when the
+    tunables are set, else ``glibc``."""
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return "tcmalloc"
+    if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "glibc (tuned)"
+    return "glibc"
+
+
+def _requested() -> str:
+    choice = os.environ.get("SEGFORMER_ALLOCATOR", "auto").strip().lower() or "auto"
+    return choice if choice in CHOICES else "auto"
+
+
+def environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables to add so that a new process starts with the preferred
+    allocator (empty when ``SEGFORMER_ALLOCATOR=system``, on non-Linux systems, or when the
+    choice is in place already)."""
+    env = os.environ if base is None else base
+    choice = env.get("SEGFORMER_ALLOCATOR", "auto").strip().lower() or "auto"
+    if choice == "system" or not sys.platform.startswith("linux"):
+        return {}
+    preload = env.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload or "jemalloc" in preload:
+        return {}
+    library = find_tcmalloc() if choice in ("auto", "tcmalloc") else None
+    if library is not None:
+        return {"LD_PRELOAD": f"{library} {preload}".strip()}
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.mmap_threshold" in tunables:
+        return {}
+    return {"GLIBC_TUNABLES": ":".join(filter(None, [tunables, *GLIBC_TUNING]))}
 
 
 def use_fast_allocator(argv: list[str]) -> None:
-    """Re-exec ``segformer`` with tcmalloc preloaded, once, when it exists and is not in use."""
-    if os.environ.get("SEGFORMER_ALLOCATOR", "").lower() == "system" or os.environ.get(_MARK):
+    """Re-execute ``segformer`` once with ``environment()`` applied, when it changes anything.
+    Called first thing by the command line; too late once torch is imported (its memory
+    already came from the old allocator), so then it does nothing."""
+    if os.environ.get(_MARK) or "torch" in sys.modules:
         return
-    if allocator_in_use() == "tcmalloc" or "torch" in sys.modules:
-        return  # too late once torch is loaded: its allocations already went to glibc
-    library = find_tcmalloc()
-    if library is None:
+    changes = environment()
+    if not changes:
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = (
-        f"{library} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else library
-    )
-    env[_MARK] = "1"
+    env = {**os.environ, **changes, _MARK: "1"}
     try:
         os.execve(sys.executable, [sys.executable, "-m", "segformer.cli", *argv], env)
     except OSError:

@@ -1,4 +1,6 @@
 """The subcommands, in the order ``segformer --help`` lists them. Each module has
 ``register(subparsers)``, which adds its parser and sets ``run`` to a function of the args."""
 
-ALL: list = []
+from segformer.cli import bench, eval, export, info, predict, serve, train
+
+ALL: list = [predict, info, train, eval, serve, export, bench]

@@ -1,0 +1,889 @@
+"""Benchmarks: our engines and, when it is installed, transformers itself, side by side on the
+same weights, inputs, threads and allocator, in the same process.
+
+How the numbers are taken (this library is meant to be run on small, shared machines):
+
+- Candidates are timed *interleaved*: each round runs every candidate once, in an order that
+  rotates from round to round, and each candidate's median over the rounds is reported. Load
+  from other processes then hits all candidates alike, so ratios stay meaningful even when
+  absolute times wander.
+- Accuracy is reported next to speed: the relative L2 error of each engine's logits against
+  the reference (transformers when installed, else our model as written), and the share of
+  pixels whose label agrees with the exact path (``fast`` in fp32).
+- Peak resident memory is measured per job in a fresh subprocess (``measure_peak_rss``), as
+  a process only ever grows its high-water mark.
+- Floors: the multiply-accumulates the engine executes over the machine's measured peak
+  matmul rate (``peak_matmul_rate``); no implementation can go below that.
+
+``run_model_job`` and ``run_photo_job`` return plain dicts; ``format_table``, ``save_chart``
+and ``save_results`` present them. ``segformer bench`` and ``benchmarks/bench_inference.py``
+are thin layers over these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segformer.allocator import allocator_in_use
+from segformer.engine import (
+    FastSegformer,
+    create_engine,
+    labels_from_logits,
+)
+from segformer.errors import SegformerError
+from segformer.model import SegformerForSemanticSegmentation
+
+log = logging.getLogger("segformer")
+
+SCHEMA = "segformer-bench/1"
+TRANSFORMERS = "transformers"
+# (backend, precision) pairs a full run compares; transformers is added when installed.
+DEFAULT_ENGINES = (
+    ("eager", "fp32"),
+    ("fast", "fp32"),
+    ("compiled", "fp32"),
+    ("compiled", "bf16"),
+    ("onnxruntime", "fp32"),
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+def time_interleaved(
+    candidates: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, burst: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, ``rounds`` samples each, taken in interleaved
+    rounds with a rotating order (see the module docstring). ``warmup`` calls each first.
+    With ``burst`` > 1 each candidate runs ``burst`` times in a row per round and only the
+    last call is timed: steady-state latency with warm caches, as a server calling the same
+    model again sees it, still interleaved with the others."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            for _ in range(burst - 1):
+                candidates[name]()
+            start = time.perf_counter()
+            candidates[name]()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def summarize(samples: Sequence[float], batch: int = 1) -> dict[str, float]:
+    """Median, 10th and 90th percentile (ms) and images per second of timing samples."""
+    ordered = sorted(samples)
+    median = statistics.median(ordered)
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return {
+        "median_ms": median * 1e3,
+        "p10_ms": quantile(0.1) * 1e3,
+        "p90_ms": quantile(0.9) * 1e3,
+        "images_per_s": batch / median if median > 0 else float("inf"),
+        "samples": len(ordered),
+    }
+
+
+def peak_matmul_rate(
+    dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.4
+) -> float:
+    """The machine's best observed square-matmul rate in GMAC/s (multiply-accumulates per
+    second / 1e9) for ``dtype`` with PyTorch's current thread count: the best of repeated
+    ``size``³ products, so it approaches the hardware's peak as closely as a library can."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.mm(a, b)
+        best = float("inf")
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+    return size**3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------
+# Cost of a model
+# ---------------------------------------------------------------------------------------
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count_macs(module: torch.nn.Module, pixels: torch.Tensor) -> tuple[int, Any]:
+    """Multiply-accumulates of ``module(pixels)`` (convs, linear layers, matmuls including
+    attention's, which the math SDPA backend exposes), and the output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        output = module(pixels)
+    return counter.get_total_flops() // 2, output
+
+
+def published_macs(config: Any, size: tuple[int, int], batch: int = 1) -> int:
+    """Multiply-accumulates of the architecture as published, the convention of the SegFormer
+    paper's "GFLOPs" column (B0 at 512² with 150 classes: 8.4): the encoder's convs, linear
+    layers and attention matmuls, plus the decoder as drawn — per-stage projections, the 1×1
+    fuse conv over all stages' channels at 1/4 resolution, and the classifier."""
+    from segformer.model import MixTransformer
+
+    with torch.device("meta"):
+        encoder = MixTransformer(config).eval()
+        pixels = torch.empty(batch, config.num_channels, *size)
+    encoder_macs, features = _count_macs(encoder, pixels)
+    width = config.decoder_hidden_size
+    points = [batch * f.shape[2] * f.shape[3] for f in features]
+    decoder_macs = sum(n * c * width for n, c in zip(points, config.hidden_sizes, strict=True))
+    decoder_macs += (
+        points[0] * (config.num_stages * width) * width + points[0] * width * config.num_labels
+    )
+    return encoder_macs + decoder_macs
+
+
+def executed_macs(
+    model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int = 1
+) -> int:
+    """Multiply-accumulates ``FastSegformer`` executes for one batch at ``size``, counted like
+    ``published_macs``, on a weightless copy."""
+    with torch.device("meta"):
+        shadow = SegformerForSemanticSegmentation(model.config).eval()
+        fast = FastSegformer(shadow)
+        pixels = torch.empty(batch, model.config.num_channels, *size)
+    return _count_macs(fast, pixels)[0]
+
+
+# The input size each variant's ADE20K model was trained and evaluated at in the SegFormer
+# paper's table (B5 uses 640²), so that the GMACs column can be checked against it.
+PAPER_SIZES = {"b0": 512, "b1": 512, "b2": 512, "b3": 512, "b4": 512, "b5": 640}
+
+
+def variant_table(
+    num_labels: int = 150, size: tuple[int, int] | None = None
+) -> list[dict[str, Any]]:
+    """Parameters and GMACs of every MiT variant with ``num_labels`` classes at ``size`` (by
+    default the paper's ADE20K size: 512², B5 640²): the model as published and the work
+    ``FastSegformer`` does."""
+    from segformer.config import VARIANTS, SegformerConfig
+
+    rows = []
+    for name in VARIANTS:
+        config = SegformerConfig.from_variant(name, num_labels=num_labels)
+        at = size or (PAPER_SIZES.get(name, 512),) * 2
+        with torch.device("meta"):
+            model = SegformerForSemanticSegmentation(config)
+        rows.append(
+            {
+                "variant": name,
+                "size": list(at),
+                "params_m": parameter_count(model) / 1e6,
+                "gmacs": published_macs(config, at) / 1e9,
+                "executed_gmacs": executed_macs(model, at) / 1e9,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The machine
+# ---------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (lscpu, else /proc/cpuinfo, else platform)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        text = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+        for line in text.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """The matmul-relevant instruction sets this CPU reports (AVX2, AVX-512, bf16, AMX)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [flag for flag in wanted if flag in flags]
+    return []
+
+
+def machine_info(peak: bool = True) -> dict[str, Any]:
+    """What the numbers were measured on: CPU, threads, allocator, library versions, and the
+    measured peak matmul rates (GMAC/s) that the floors are computed from."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "allocator": allocator_in_use(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    for package in ("transformers", "onnxruntime"):
+        with contextlib.suppress(ImportError):
+            info[package] = __import__(package).__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if peak:
+        info["peak_gmacs_per_s"] = {
+            "fp32": peak_matmul_rate(torch.float32),
+            "bf16": peak_matmul_rate(torch.bfloat16),
+        }
+    return info
+
+
+# ---------------------------------------------------------------------------------------
+# transformers, for comparison
+# ---------------------------------------------------------------------------------------
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformers_model(
+    model: SegformerForSemanticSegmentation, device: str = "cpu"
+) -> torch.nn.Module:
+    """transformers' SegformerForSemanticSegmentation with ``model``'s weights (through a
+    Hugging Face-layout folder written by ``segformer.save``), in eval mode."""
+    import transformers
+
+    from segformer.checkpoints import save
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="segformer-bench-") as folder:
+        save(model, folder)
+        reference = transformers.SegformerForSemanticSegmentation.from_pretrained(folder)
+    return reference.eval().to(device)
+
+
+class _TransformersLogits:
+    """transformers' model as an engine: pixel values → logits."""
+
+    backend = TRANSFORMERS
+    precision = "fp32"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(pixel_values=pixel_values).logits
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------
+def engine_name(backend: str, precision: str) -> str:
+    return f"{backend} {precision}"
+
+
+def _agreement(labels: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((labels == exact).float().mean())
+
+
+def sample_pixels(
+    model: SegformerForSemanticSegmentation,
+    size: tuple[int, int],
+    batch: int = 1,
+    image: str | os.PathLike[str] | None = None,
+) -> torch.Tensor:
+    """Model input for a job: ``image`` (a real photo, which label agreement needs) resized and
+    normalised by the model's processor, or, without one, a smooth synthetic image."""
+    from segformer.processing import ImageProcessor, read_image
+
+    processor = ImageProcessor.from_model(model).replace(
+        size=size, do_resize=True, keep_ratio=False, shortest_edge=None
+    )
+    if image is not None:
+        picture = read_image(image)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        coarse = torch.rand(1, 3, 8, 8, generator=generator)
+        smooth = torch.nn.functional.interpolate(
+            coarse, size=size, mode="bicubic", align_corners=False
+        )
+        picture = (smooth[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    pixels = processor(picture)["pixel_values"]
+    return pixels.expand(batch, -1, -1, -1).contiguous()
+
+
+def run_model_job(
+    model: SegformerForSemanticSegmentation,
+    size: tuple[int, int] = (512, 512),
+    *,
+    batch: int = 1,
+    engines: Sequence[tuple[str, str]] = DEFAULT_ENGINES,
+    with_transformers: bool = True,
+    rounds: int = 10,
+    warmup: int = 1,
+    image: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    device: str = "cpu",
+    burst: int = 1,
+) -> dict[str, Any]:
+    """Time the model's forward pass (pixel values → logits) through each of ``engines``
+    (and transformers), interleaved in this process; see the module docstring."""
+    pixels = sample_pixels(model, size, batch, image).to(device)
+    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    if with_transformers and transformers_available():
+        candidates[TRANSFORMERS] = _TransformersLogits(transformers_model(model, device))
+        info[TRANSFORMERS] = {"backend": TRANSFORMERS, "precision": "fp32"}
+    for backend, precision in engines:
+        label = engine_name(backend, precision)
+        started = time.perf_counter()
+        engine = create_engine(model, backend=backend, precision=precision, device=device)
+        engine(pixels)  # compiles, exports or warms up
+        info[label] = {
+            "backend": backend,
+            "precision": precision,
+            "first_call_s": time.perf_counter() - started,
+        }
+        candidates[label] = engine
+
+    # Accuracy: against transformers (or the model as written), and labels against fast fp32.
+    with torch.inference_mode():
+        reference = (
+            candidates[TRANSFORMERS](pixels) if TRANSFORMERS in candidates else model(pixels)
+        )
+        exact_logits = create_engine(model, "fast", "fp32", device)(pixels)
+    exact_labels = exact_logits.argmax(dim=1)
+    for label, engine in candidates.items():
+        logits = engine(pixels).float()
+        info[label]["relative_error"] = float((logits - reference).norm() / reference.norm())
+        info[label]["label_agreement"] = _agreement(logits.argmax(dim=1), exact_labels)
+
+    samples = time_interleaved(
+        {label: (lambda e=engine: e(pixels)) for label, engine in candidates.items()},
+        rounds,
+        warmup,
+        burst,
+    )
+    base = statistics.median(samples[TRANSFORMERS]) if TRANSFORMERS in samples else None
+    results = []
+    for label in candidates:
+        row = {"engine": label, **info[label], **summarize(samples[label], batch)}
+        row["ratio"] = row["median_ms"] / (base * 1e3) if base else None
+        results.append(row)
+
+    macs = _model_macs(model, size, batch)
+    return {
+        "name": name or f"{model.config.variant or 'custom'} {size[0]}×{size[1]}",
+        "kind": "model",
+        "variant": model.config.variant,
+        "num_labels": model.config.num_labels,
+        "size": list(size),
+        "batch": batch,
+        "params_m": parameter_count(model) / 1e6,
+        **macs,
+        "reference": TRANSFORMERS if TRANSFORMERS in candidates else "eager fp32",
+        "results": results,
+    }
+
+
+def _model_macs(
+    model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int
+) -> dict[str, float]:
+    return {
+        "gmacs": published_macs(model.config, size, batch) / 1e9,
+        "executed_gmacs": executed_macs(model, size, batch) / 1e9,
+    }
+
+
+def photo_pipeline(
+    model: SegformerForSemanticSegmentation,
+    backend: str = "auto",
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> Callable[[str | os.PathLike[str]], torch.Tensor]:
+    """Our path from an image file to full-resolution labels: decode, preprocess (the model's
+    processor), engine, ``labels_from_logits``."""
+    from segformer.processing import ImageProcessor, read_image
+
+    processor = ImageProcessor.from_model(model)
+    engine = create_engine(model, backend=backend, precision=precision, device=device)
+
+    def run(path: str | os.PathLike[str]) -> torch.Tensor:
+        image = read_image(path)
+        pixels = processor(image)["pixel_values"].to(device)
+        return labels_from_logits(engine(pixels), (image.height, image.width))[0]
+
+    return run
+
+
+def transformers_photo_pipeline(
+    model: SegformerForSemanticSegmentation, device: str = "cpu"
+) -> Callable[[str | os.PathLike[str]], torch.Tensor]:
+    """transformers' path: PIL decode, its image processor, its model, its post-processing."""
+    from PIL import Image
+    from transformers import SegformerImageProcessorPil
+
+    from segformer.processing import ImageProcessor
+
+    ours = ImageProcessor.from_model(model)
+    processor = SegformerImageProcessorPil(
+        size={"height": ours.size[0], "width": ours.size[1]},
+        image_mean=list(ours.image_mean),
+        image_std=list(ours.image_std),
+    )
+    reference = transformers_model(model, device)
+
+    def run(path: str | os.PathLike[str]) -> torch.Tensor:
+        image = Image.open(path).convert("RGB")
+        inputs = processor(images=image, return_tensors="pt")
+        with torch.inference_mode():
+            outputs = reference(pixel_values=inputs["pixel_values"].to(device))
+        return processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[(image.height, image.width)]
+        )[0]
+
+    return run
+
+
+def run_photo_job(
+    model: SegformerForSemanticSegmentation,
+    image: str | os.PathLike[str],
+    *,
+    engines: Sequence[tuple[str, str]] = (("fast", "fp32"), ("compiled", "bf16")),
+    with_transformers: bool = True,
+    rounds: int = 10,
+    warmup: int = 1,
+    name: str | None = None,
+    device: str = "cpu",
+    burst: int = 1,
+) -> dict[str, Any]:
+    """Time a photo file to full-resolution labels (decode → preprocess → model → labels) with
+    our pipeline per engine and with transformers', interleaved. Reports whether each label
+    map is identical to the exact reference (upsample-then-argmax of the exact logits)."""
+    from segformer.processing import ImageProcessor, read_image
+
+    image = str(image)
+    candidates: dict[str, Callable[[], torch.Tensor]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    if with_transformers and transformers_available():
+        reference_run = transformers_photo_pipeline(model, device)
+        candidates[TRANSFORMERS] = lambda: reference_run(image)
+        info[TRANSFORMERS] = {"backend": TRANSFORMERS, "precision": "fp32"}
+    for backend, precision in engines:
+        label = engine_name(backend, precision)
+        started = time.perf_counter()
+        run = photo_pipeline(model, backend, precision, device)
+        run(image)
+        info[label] = {
+            "backend": backend,
+            "precision": precision,
+            "first_call_s": time.perf_counter() - started,
+        }
+        candidates[label] = lambda run=run: run(image)
+
+    # The exact reference labels: exact logits, upsampled in full, argmax.
+    picture = read_image(image)
+    pixels = ImageProcessor.from_model(model)(picture)["pixel_values"].to(device)
+    exact_logits = create_engine(model, "fast", "fp32", device)(pixels)
+    exact = torch.nn.functional.interpolate(
+        exact_logits, size=(picture.height, picture.width), mode="bilinear", align_corners=False
+    ).argmax(dim=1)[0]
+    exact_fast_labels = labels_from_logits(exact_logits, (picture.height, picture.width))[0]
+    for label, run in candidates.items():
+        labels = run()
+        info[label]["label_agreement"] = _agreement(labels.to(exact.device), exact)
+    info_exact_identical = bool(torch.equal(exact_fast_labels, exact))
+
+    samples = time_interleaved(candidates, rounds, warmup, burst)
+    base = statistics.median(samples[TRANSFORMERS]) if TRANSFORMERS in samples else None
+    results = []
+    for label in candidates:
+        row = {"engine": label, **info[label], **summarize(samples[label])}
+        row["ratio"] = row["median_ms"] / (base * 1e3) if base else None
+        results.append(row)
+    return {
+        "name": name or f"photo {picture.width}×{picture.height} → labels",
+        "kind": "photo",
+        "variant": model.config.variant,
+        "num_labels": model.config.num_labels,
+        "image": image,
+        "image_size": [picture.height, picture.width],
+        "labels_identical_to_upsample_argmax": info_exact_identical,
+        "reference": TRANSFORMERS if TRANSFORMERS in candidates else None,
+        "results": results,
+    }
+
+
+def run_labels_job(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    rounds: int = 10,
+    name: str | None = None,
+    burst: int = 1,
+) -> dict[str, Any]:
+    """Time ``labels_from_logits`` against upsampling every class then argmax (what
+    transformers' post-processing does), and check that the labels are identical."""
+    reference = lambda: torch.nn.functional.interpolate(  # noqa: E731
+        logits, size=size, mode="bilinear", align_corners=False
+    ).argmax(dim=1)
+    ours = lambda: labels_from_logits(logits, size)  # noqa: E731
+    identical = bool(torch.equal(ours(), reference()))
+    samples = time_interleaved(
+        {"upsample + argmax": reference, "labels_from_logits": ours}, rounds, 1, burst
+    )
+    base = statistics.median(samples["upsample + argmax"])
+    return {
+        "name": name or f"labels {tuple(logits.shape)} → {size[0]}×{size[1]}",
+        "kind": "labels",
+        "identical": identical,
+        "results": [
+            {"engine": label, **summarize(values), "ratio": statistics.median(values) / base}
+            for label, values in samples.items()
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Peak memory and compile time, each in a fresh process
+# ---------------------------------------------------------------------------------------
+def _job_process(
+    spec: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 1800
+) -> dict[str, Any]:
+    """Run ``spec`` through ``python -m segformer.bench`` in a new process (same interpreter,
+    allocator and thread count) and return the JSON it prints."""
+    environment = {**os.environ, **(env or {})}
+    environment.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    completed = subprocess.run(
+        [sys.executable, "-m", "segformer.bench", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        check=False,
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        tail = " ".join(completed.stderr.strip().splitlines()[-3:])
+        raise SegformerError(f"benchmark subprocess failed ({completed.returncode}): {tail[:500]}")
+    return json.loads(lines[-1])
+
+
+def measure_peak_rss(
+    model_source: str,
+    runner: str,
+    *,
+    backend: str = "auto",
+    precision: str = "fp32",
+    photo: str | None = None,
+    size: tuple[int, int] = (512, 512),
+    iterations: int = 3,
+) -> float:
+    """Peak resident memory (MiB) of a fresh process that loads ``model_source`` and runs the
+    job ``iterations`` times: ``runner`` is ``"segformer"`` (our engine) or ``"transformers"``;
+    with ``photo`` the job is photo → labels, else pixel values → logits at ``size``."""
+    spec = {
+        "task": "rss",
+        "runner": runner,
+        "model": model_source,
+        "backend": backend,
+        "precision": precision,
+        "photo": photo,
+        "size": list(size),
+        "iterations": iterations,
+        "threads": torch.get_num_threads(),
+    }
+    return float(_job_process(spec)["peak_rss_mb"])
+
+
+def measure_compile_cache(
+    model_source: str, precision: str = "bf16", size: tuple[int, int] = (512, 512)
+) -> dict[str, float]:
+    """Seconds from engine creation to the first result for the compiled backend: in a first
+    process with an empty cache, and in a second process that finds the first one's cache."""
+    with tempfile.TemporaryDirectory(prefix="segformer-compile-cache-") as cache:
+        spec = {
+            "task": "compile",
+            "model": model_source,
+            "precision": precision,
+            "size": list(size),
+            "threads": torch.get_num_threads(),
+        }
+        # Both caches empty at first: our compiled programs and Inductor's generated kernels.
+        env = {"SEGFORMER_CACHE": cache, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}
+        first = _job_process(spec, env)
+        second = _job_process(spec, env)
+    return {
+        "first_process_s": first["first_call_s"],
+        "second_process_s": second["first_call_s"],
+        "steady_ms": second["steady_ms"],
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB. On Linux from /proc's VmHWM, which starts
+    afresh at exec; ``ru_maxrss`` would still include the memory of the parent process this
+    one was forked from."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024  # bytes on macOS
+
+
+def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The body of a benchmark subprocess (see ``_job_process``)."""
+    torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+    task = spec["task"]
+    if task == "compile":
+        from segformer.checkpoints import load
+
+        model = load(spec["model"])
+        pixels = torch.randn(1, 3, *spec["size"])
+        started = time.perf_counter()
+        engine = create_engine(model, "compiled", spec["precision"])
+        engine(pixels)
+        first = time.perf_counter() - started
+        steady = statistics.median(
+            time_interleaved({"engine": lambda: engine(pixels)}, 5)["engine"]
+        )
+        return {"first_call_s": first, "steady_ms": steady * 1e3}
+    if task == "rss":
+        from segformer.checkpoints import load
+
+        model = load(spec["model"])
+        if spec["runner"] == TRANSFORMERS:
+            if spec["photo"]:
+                run = transformers_photo_pipeline(model)
+            else:
+                engine = _TransformersLogits(transformers_model(model))
+        elif spec["photo"]:
+            run = photo_pipeline(model, spec["backend"], spec["precision"])
+        else:
+            engine = create_engine(model, spec["backend"], spec["precision"])
+        del model
+        gc.collect()
+        pixels = torch.randn(1, 3, *spec["size"])
+        for _ in range(int(spec["iterations"])):
+            if spec["photo"]:
+                run(spec["photo"])
+            else:
+                engine(pixels)
+        return {"peak_rss_mb": peak_rss_mb()}
+    raise SegformerError(f"unknown benchmark task {task!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Presenting results
+# ---------------------------------------------------------------------------------------
+def floors_ms(job: dict[str, Any], machine: dict[str, Any]) -> dict[str, float]:
+    """The physical floor of a model job: executed GMACs over the peak matmul rate."""
+    peaks = machine.get("peak_gmacs_per_s") or {}
+    executed = job.get("executed_gmacs")
+    if not executed:
+        return {}
+    return {precision: executed / rate * 1e3 for precision, rate in peaks.items() if rate}
+
+
+def thread_count_text(machine: dict[str, Any]) -> str:
+    """'1 thread', '2 threads' … from a results document's machine description."""
+    count = machine.get("threads", "?")
+    return f"{count} thread" if count == 1 else f"{count} threads"
+
+
+def _fmt(value: Any, spec: str, missing: str = "–") -> str:
+    if value is None:
+        return missing
+    return format(value, spec)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a plain-text table, one block per job."""
+    machine = results.get("machine", {})
+    lines = [
+        f"{machine.get('cpu', '?')} · {thread_count_text(machine)} · allocator {machine.get('allocator', '?')} · "
+        f"torch {machine.get('torch', '?')} · transformers {machine.get('transformers', '–')} · "
+        f"onnxruntime {machine.get('onnxruntime', '–')}",
+    ]
+    peaks = machine.get("peak_gmacs_per_s")
+    if peaks:
+        lines.append("peak matmul: " + ", ".join(f"{k} {v:.0f} GMAC/s" for k, v in peaks.items()))
+    for job in results.get("jobs", []):
+        lines.append("")
+        header = job["name"]
+        if job.get("gmacs"):
+            header += f" · {job['gmacs']:.1f} GMACs as published, {job['executed_gmacs']:.1f} executed by fast"
+            floors = floors_ms(job, machine)
+            if floors:
+                header += " · floor " + ", ".join(f"{k} {v:.1f} ms" for k, v in floors.items())
+        if "labels_identical_to_upsample_argmax" in job:
+            header += (
+                f" · labels_from_logits identical: {job['labels_identical_to_upsample_argmax']}"
+            )
+        if "identical" in job:
+            header += f" · identical: {job['identical']}"
+        lines.append(header)
+        lines.append(
+            f"  {'engine':<22}{'median ms':>11}{'p10–p90 ms':>17}{'img/s':>9}{'ratio':>8}"
+            f"{'rel. error':>12}{'labels':>9}{'peak RSS':>10}"
+        )
+        for row in job["results"]:
+            spread = f"{row['p10_ms']:.1f}–{row['p90_ms']:.1f}"
+            agreement = row.get("label_agreement")
+            lines.append(
+                f"  {row['engine']:<22}{row['median_ms']:>11.1f}{spread:>17}{row['images_per_s']:>9.2f}"
+                f"{_fmt(row.get('ratio'), '.3f'):>8}{_fmt(row.get('relative_error'), '.1e'):>12}"
+                f"{_fmt(None if agreement is None else agreement * 100, '.2f'):>8}%"
+                f"{_fmt(row.get('peak_rss_mb'), '.0f'):>7} MiB"
+            )
+    return "\n".join(lines)
+
+
+def save_results(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write results as JSON, atomically (the server reads this file while it may change)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        json.dump(results, stream, indent=2)
+        stream.write("\n")
+    os.replace(temporary, path)
+    return path
+
+
+def save_chart(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """A PNG bar chart: median time per engine for each job, transformers first, with the
+    ratio to it written on every bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = [job for job in results.get("jobs", []) if job.get("results")]
+    if not jobs:
+        raise SegformerError("no benchmark results to chart")
+    height = sum(0.45 * len(job["results"]) + 0.9 for job in jobs)
+    figure, axes = plt.subplots(len(jobs), 1, figsize=(9, max(3.0, height)), squeeze=False)
+    for axis, job in zip(axes[:, 0], jobs, strict=True):
+        rows = job["results"]
+        names = [row["engine"] for row in rows]
+        values = [row["median_ms"] for row in rows]
+        colours = ["#9e9e9e" if name == TRANSFORMERS else "#2f6db5" for name in names]
+        bars = axis.barh(range(len(rows)), values, color=colours)
+        axis.set_yticks(range(len(rows)), names)
+        axis.invert_yaxis()
+        axis.set_xlabel("median ms per call (lower is better)")
+        axis.set_title(job["name"], loc="left", fontsize=10)
+        for bar, row in zip(bars, rows, strict=True):
+            note = f" {row['median_ms']:.1f} ms"
+            if row.get("ratio") is not None:
+                note += f" ({row['ratio']:.2f}×)"
+            axis.text(
+                bar.get_width(), bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=8
+            )
+        axis.set_xlim(0, max(values) * 1.35)
+    machine = results.get("machine", {})
+    figure.suptitle(
+        f"{machine.get('cpu', '')}, {thread_count_text(machine)}, torch {machine.get('torch', '')}",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def new_results(peak: bool = True) -> dict[str, Any]:
+    """An empty results document with the machine description filled in."""
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(peak=peak),
+        "jobs": [],
+    }
+
+
+def default_results_path() -> Path:
+    """Where ``segformer bench`` writes its JSON unless told otherwise (the server's
+    comparison page reads it from there)."""
+    from segformer.engine import cache_dir
+
+    return cache_dir() / "bench.json"
+
+
+def labels_agreement_on_images(
+    model: SegformerForSemanticSegmentation,
+    images: Sequence[str | os.PathLike[str]],
+    backend: str,
+    precision: str,
+) -> float:
+    """Share of pixels, over ``images``, whose full-resolution label from ``backend`` at
+    ``precision`` equals the exact path's (fast fp32)."""
+    exact = photo_pipeline(model, "fast", "fp32")
+    other = photo_pipeline(model, backend, precision)
+    agree = total = 0
+    for image in images:
+        a, b = exact(image), other(image)
+        agree += int((a == b).sum())
+        total += a.numel()
+    return agree / max(total, 1)
+
+
+if __name__ == "__main__":  # a benchmark subprocess: one JSON spec in, one JSON line out
+    print(json.dumps(_run_spec(json.loads(sys.argv[1]))), flush=True)
+    sys.exit(0)
+
+
+__all__ = [
+    "DEFAULT_ENGINES",
+    "executed_macs",
+    "format_table",
+    "machine_info",
+    "measure_compile_cache",
+    "measure_peak_rss",
+    "new_results",
+    "peak_matmul_rate",
+    "run_labels_job",
+    "run_model_job",
+    "run_photo_job",
+    "save_chart",
+    "save_results",
+    "summarize",
+    "time_interleaved",
+    "variant_table",
+]

@@ -1,0 +1,200 @@
+"""The benchmark library and ``segformer bench``: what they measure and report is right
+(speed itself is for benchmarks/, not tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import segformer
+from segformer import bench
+from segformer.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(
+        hidden_sizes=[8, 16, 24, 32],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 2, 3, 4],
+        decoder_hidden_size=16,
+        num_labels=5,
+    )
+    folder = tmp_path_factory.mktemp("tiny")
+    transformers.SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)
+    return folder
+
+
+def test_time_interleaved_rotates_and_counts():
+    calls = []
+    samples = bench.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1
+    )
+    assert calls == [
+        "a",
+        "b",
+        "a",
+        "b",
+        "b",
+        "a",
+        "a",
+        "b",
+    ]  # warm-up, then rounds in rotating order
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+
+
+def test_time_interleaved_bursts():
+    calls = []
+    samples = bench.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, warmup=0, burst=2
+    )
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"]  # each burst's last call is timed
+    assert {k: len(v) for k, v in samples.items()} == {"a": 2, "b": 2}
+
+
+def test_summarize():
+    stats = bench.summarize([0.010, 0.030, 0.020, 0.040, 0.050], batch=2)
+    assert stats["median_ms"] == pytest.approx(30.0)
+    assert stats["p10_ms"] == pytest.approx(10.0) and stats["p90_ms"] == pytest.approx(50.0)
+    assert stats["images_per_s"] == pytest.approx(2 / 0.030)
+
+
+def test_variant_table_matches_the_paper():
+    """GMACs as the SegFormer paper's table counts them (ADE20K, 150 classes, B0-B4 at 512²,
+    B5 at 640²), and parameters in millions."""
+    paper = {"b0": 8.4, "b1": 15.9, "b2": 62.4, "b3": 79.0, "b4": 95.7, "b5": 183.3}
+    params = {"b0": 3.8, "b1": 13.7, "b2": 27.5, "b3": 47.3, "b4": 64.1, "b5": 84.7}
+    for row in bench.variant_table():
+        assert row["gmacs"] == pytest.approx(paper[row["variant"]], abs=0.25)
+        assert row["params_m"] == pytest.approx(params[row["variant"]], abs=0.1)
+        assert row["executed_gmacs"] < row["gmacs"]  # the folded decoder does less work
+
+
+def test_published_and_executed_macs_by_hand(tiny_config):
+    """The decoder's share of both counts, by hand: as published (projections, the fuse conv
+    over 4·D channels at 1/4 resolution, the classifier), and as FastSegformer runs it (each
+    stage's folded D×C_i matrix at its own resolution, the classifier)."""
+    model = segformer.SegformerForSemanticSegmentation(tiny_config)
+    size = (64, 64)
+    d, k = 16, 3
+    pixels = [16 * 16, 8 * 8, 4 * 4, 2 * 2]
+    widths = [8, 16, 24, 32]
+    projections = sum(p * c * d for p, c in zip(pixels, widths, strict=True))
+    published_decoder = projections + pixels[0] * 4 * d * d + pixels[0] * d * k
+    folded_decoder = projections + pixels[0] * d * k
+    published = bench.published_macs(tiny_config, size)
+    executed = bench.executed_macs(model, size)
+    assert published - executed == published_decoder - folded_decoder
+    assert bench.published_macs(tiny_config, size, batch=3) == 3 * published
+
+
+def test_peak_matmul_rate_is_positive():
+    assert bench.peak_matmul_rate(torch.float32, size=128, seconds=0.05) > 0
+
+
+def test_model_job_with_transformers(tiny_folder):
+    model = segformer.load(tiny_folder)
+    job = bench.run_model_job(
+        model, (64, 64), engines=[("eager", "fp32"), ("fast", "fp32")], rounds=2
+    )
+    rows = {row["engine"]: row for row in job["results"]}
+    assert list(rows) == ["transformers", "eager fp32", "fast fp32"]
+    assert job["reference"] == "transformers"
+    assert rows["transformers"]["ratio"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert row["samples"] == 2 and row["median_ms"] > 0
+        assert row["relative_error"] <= 1e-5
+        assert row["label_agreement"] == pytest.approx(1.0)
+    assert job["executed_gmacs"] < job["gmacs"]
+
+
+def test_labels_job_reports_identity():
+    logits = torch.nn.functional.interpolate(
+        torch.randn(1, 19, 4, 4) * 5, size=(32, 32), mode="bilinear"
+    )
+    job = bench.run_labels_job(logits, (120, 160), rounds=2)
+    assert job["identical"] is True
+    assert [row["engine"] for row in job["results"]] == ["upsample + argmax", "labels_from_logits"]
+
+
+def test_results_table_json_and_chart(tiny_folder, tmp_path):
+    model = segformer.load(tiny_folder)
+    results = bench.new_results(peak=False)
+    results["jobs"].append(
+        bench.run_model_job(
+            model, (64, 64), engines=[("fast", "fp32")], rounds=2, with_transformers=False
+        )
+    )
+    table = bench.format_table(results)
+    assert "fast fp32" in table and results["machine"]["cpu"] in table
+    path = bench.save_results(results, tmp_path / "nested" / "bench.json")
+    assert json.loads(path.read_text())["schema"] == bench.SCHEMA
+    chart = bench.save_chart(results, tmp_path / "chart.png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_rss_in_a_fresh_process(tiny_folder):
+    rss = bench.measure_peak_rss(
+        str(tiny_folder), "segformer", backend="fast", size=(64, 64), iterations=1
+    )
+    assert 50 < rss < 4000  # MiB: a Python process with torch, not its parent
+
+
+def test_cli_bench(tiny_folder, tmp_path, capsys):
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(
+        [
+            "bench",
+            str(tiny_folder),
+            "--size",
+            "64",
+            "64",
+            "--rounds",
+            "2",
+            "--engines",
+            "eager,fast",
+            "--json",
+            str(out),
+            "--chart",
+            str(chart),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "transformers" in printed and "fast fp32" in printed
+    results = json.loads(out.read_text())
+    assert [row["engine"] for row in results["jobs"][0]["results"]] == [
+        "transformers",
+        "eager fp32",
+        "fast fp32",
+    ]
+    assert results["machine"]["peak_gmacs_per_s"]["fp32"] > 0
+    assert chart.is_file()
+
+
+def test_cli_bench_errors(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "missing"), "--json", str(tmp_path / "b.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert (
+        main(
+            [
+                "bench",
+                "b0",
+                "--engines",
+                "warp",
+                "--rounds",
+                "1",
+                "--size",
+                "64",
+                "64",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 2
+    )
+    assert "unknown backend" in capsys.readouterr().err
