@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import segformer
+from segformer import reports
 from segformer.data import open_dataset
 from segformer.inference import InferenceMode
 from segformer.metrics import evaluate_dataset
@@ -32,7 +33,9 @@ TARGET = REPO / "src" / "segformer" / "builtin" / "camvid-b0"
 MODES = {
     "whole": InferenceMode("whole"),
     "whole + flip": InferenceMode("whole", flip=True),
-    "multi-scale (0.5–1.75) + flip": InferenceMode("whole", scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True),
+    "multi-scale (0.5–1.75) + flip": InferenceMode(
+        "whole", scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True
+    ),
 }
 DATA_TERMS = (
     "CamVid (Brostow, Fauqueur, Cipolla, 'Semantic object classes in video: a high-definition "
@@ -54,9 +57,13 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="the training run folder (with best/ and history.json)")
+    parser.add_argument(
+        "run", type=Path, help="the training run folder (with best/ and history.json)"
+    )
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "camvid"))
-    parser.add_argument("--wall-time", default=None, help="training wall time to report, e.g. '2 h 40 min'")
+    parser.add_argument(
+        "--wall-time", default=None, help="training wall time to report, e.g. '2 h 40 min'"
+    )
     args = parser.parse_args()
 
     model = segformer.load(args.run / "best")
@@ -69,7 +76,7 @@ def main() -> None:
         print(f"{name}: {metrics.summary()}")
 
     whole = results["whole"]
-    history = json.loads((args.run / "history.json").read_text())
+    history = read_history(args.run)
     training = model.metadata.get("training", {})
     model.metadata.update(
         {
@@ -96,9 +103,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=TARGET.parent, prefix=".publish-") as tmp:
         staging = Path(tmp) / "camvid-b0"
         segformer.save(model, staging)
-        for plot in ("training_curves.png", "validation.png", "per_class_iou.png"):
-            if (args.run / "plots" / plot).is_file():
-                shutil.copy(args.run / "plots" / plot, staging / plot)
+        reports.plot_training_curves(history, staging / "training_curves.png")
+        reports.plot_validation_curve(history, staging / "validation.png")
+        reports.plot_per_class_iou(whole, staging / "per_class_iou.png")
         (staging / "README.md").write_text(
             model_card(results, history, training, args.wall_time), encoding="utf-8"
         )
@@ -107,6 +114,17 @@ def main() -> None:
         os.replace(staging, TARGET)
     size = (TARGET / "model.safetensors").stat().st_size / 2**20
     print(f"published to {TARGET} (weights {size:.1f} MiB)")
+
+
+def read_history(run: Path) -> dict:
+    """The run's loss/lr/val history: history.json once the run has finished, else the one
+    carried by its newest checkpoint (so a run still going can be published)."""
+    if (run / "history.json").is_file():
+        return json.loads((run / "history.json").read_text())
+    from segformer.train import list_checkpoints, load_checkpoint
+
+    checkpoints = list_checkpoints(run / "checkpoints")
+    return load_checkpoint(checkpoints[-1][1])["history"] if checkpoints else {}
 
 
 def model_card(results: dict, history: dict, training: dict, wall_time: str | None) -> str:
@@ -122,7 +140,11 @@ def model_card(results: dict, history: dict, training: dict, wall_time: str | No
         for n, v in zip(whole.labels, whole.iou, strict=True)
     )
     best = max(history.get("val", []), key=lambda r: r["mIoU"], default=None)
-    selected = f"step {best['step']} (val mIoU {best['mIoU']:.2f} during training)" if best else "the last step"
+    selected = (
+        f"step {best['step']} (val mIoU {best['mIoU']:.2f} during training)"
+        if best
+        else "the last step"
+    )
     return f"""# camvid-b0: SegFormer-B0 trained from scratch on CamVid
 
 The model `segformer predict`, `segformer serve` and `segformer eval` use when no `--model` is

@@ -137,7 +137,8 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def _count_macs(module: torch.nn.Module, pixels: torch.Tensor) -> tuple[int, Any]:
     """Multiply-accumulates of ``module(pixels)`` (convs, linear layers, matmuls including
-    attention's, which the math SDPA backend exposes), and the output."""
+    attention's, which the math SDPA backend exposes) and the output: the convention of
+    ``segformer.inference.count_macs``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -146,31 +147,11 @@ def _count_macs(module: torch.nn.Module, pixels: torch.Tensor) -> tuple[int, Any
     return counter.get_total_flops() // 2, output
 
 
-def published_macs(config: Any, size: tuple[int, int], batch: int = 1) -> int:
-    """Multiply-accumulates of the architecture as published, the convention of the SegFormer
-    paper's "GFLOPs" column (B0 at 512² with 150 classes: 8.4): the encoder's convs, linear
-    layers and attention matmuls, plus the decoder as drawn — per-stage projections, the 1×1
-    fuse conv over all stages' channels at 1/4 resolution, and the classifier."""
-    from segformer.model import MixTransformer
-
-    with torch.device("meta"):
-        encoder = MixTransformer(config).eval()
-        pixels = torch.empty(batch, config.num_channels, *size)
-    encoder_macs, features = _count_macs(encoder, pixels)
-    width = config.decoder_hidden_size
-    points = [batch * f.shape[2] * f.shape[3] for f in features]
-    decoder_macs = sum(n * c * width for n, c in zip(points, config.hidden_sizes, strict=True))
-    decoder_macs += (
-        points[0] * (config.num_stages * width) * width + points[0] * width * config.num_labels
-    )
-    return encoder_macs + decoder_macs
-
-
 def executed_macs(
     model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int = 1
 ) -> int:
     """Multiply-accumulates ``FastSegformer`` executes for one batch at ``size``, counted like
-    ``published_macs``, on a weightless copy."""
+    ``segformer.inference.count_macs`` counts the model's, on a weightless copy."""
     with torch.device("meta"):
         shadow = SegformerForSemanticSegmentation(model.config).eval()
         fast = FastSegformer(shadow)
@@ -190,6 +171,7 @@ def variant_table(
     default the paper's ADE20K size: 512², B5 640²): the model as published and the work
     ``FastSegformer`` does."""
     from segformer.config import VARIANTS, SegformerConfig
+    from segformer.inference import count_macs
 
     rows = []
     for name in VARIANTS:
@@ -202,7 +184,7 @@ def variant_table(
                 "variant": name,
                 "size": list(at),
                 "params_m": parameter_count(model) / 1e6,
-                "gmacs": published_macs(config, at) / 1e9,
+                "gmacs": count_macs(config, at) / 1e9,
                 "executed_gmacs": executed_macs(model, at) / 1e9,
             }
         )
@@ -421,8 +403,11 @@ def run_model_job(
 def _model_macs(
     model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int
 ) -> dict[str, float]:
+    from segformer.inference import count_macs
+
     return {
-        "gmacs": published_macs(model.config, size, batch) / 1e9,
+        # As published (the paper's "GFLOPs" convention); MACs grow linearly with the batch.
+        "gmacs": count_macs(model.config, size) * batch / 1e9,
         "executed_gmacs": executed_macs(model, size, batch) / 1e9,
     }
 
@@ -780,6 +765,7 @@ def save_results(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
         json.dump(results, stream, indent=2)
         stream.write("\n")
+    os.chmod(temporary, 0o644)  # mkstemp makes it private; results are for reading
     os.replace(temporary, path)
     return path
 

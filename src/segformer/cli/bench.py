@@ -61,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--warmup", type=int, default=1, help="untimed calls per engine first (default 1)"
     )
     parser.add_argument(
+        "--burst",
+        type=int,
+        default=2,
+        help="calls per engine per round, only the last timed: warm caches (default 2; 1 = strict alternation)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="PyTorch (and onnxruntime) threads"
     )
     parser.add_argument(
@@ -96,8 +102,10 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SegformerError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
-        raise SegformerError("--batch and --rounds must be at least 1, --warmup at least 0")
+    if args.batch < 1 or args.rounds < 1 or args.burst < 1 or args.warmup < 0:
+        raise SegformerError(
+            "--batch, --rounds and --burst must be at least 1, --warmup at least 0"
+        )
     size = tuple(args.size) if args.size else (512, 512)
     if min(size) < 32:
         raise SegformerError("--size takes two numbers of at least 32 (H W)")
@@ -118,6 +126,7 @@ def run_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         warmup=args.warmup,
         image=args.image,
+        burst=args.burst,
     )
     results["jobs"].append(job)
     if args.photo:
@@ -129,6 +138,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 engines=photo_engines,
                 with_transformers=with_transformers,
                 rounds=args.rounds,
+                burst=args.burst,
             )
         )
     if args.rss:
