@@ -139,6 +139,13 @@ def model_card(results: dict, history: dict, training: dict, wall_time: str | No
         f"| {n} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |"
         for n, v in zip(whole.labels, whole.iou, strict=True)
     )
+    scheduled = recipe.get("max_steps")
+    status = (
+        f"\n**Status: an intermediate checkpoint** — step {steps} of the recipe's {scheduled}. "
+        "The run is resumable and this card is regenerated when it goes further.\n"
+        if isinstance(steps, int) and isinstance(scheduled, int) and steps < scheduled
+        else ""
+    )
     best = max(history.get("val", []), key=lambda r: r["mIoU"], default=None)
     selected = (
         f"step {best['step']} (val mIoU {best['mIoU']:.2f} during training)"
@@ -154,7 +161,7 @@ other pretrained weights — by this project's own trainer and recipe.
 - Classes (11): sky, building, pole, road, pavement, tree, sign/symbol, fence, car,
   pedestrian, bicyclist; CamVid's void label is ignored. Standard CamVid colours.
 - Input: the whole image at its own size (CamVid frames are 480×360), ImageNet mean/std.
-
+{status}
 ## Results on CamVid val (101 images, 480×360)
 
 | inference | mIoU | mAcc | aAcc |
