@@ -15,6 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from segformer.cli.predict import add_mode_arguments, mode_from_args
 from segformer.errors import DataError, SegformerError
 
 log = logging.getLogger("segformer")
@@ -56,41 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--image-column", help="hf format: image column")
     data.add_argument("--mask-column", help="hf format: annotation column")
     data.add_argument("--no-preflight", action="store_true", help="skip checking every mask first")
-    mode = parser.add_argument_group("inference mode")
-    mode.add_argument(
-        "--mode",
-        choices=("whole", "slide"),
-        default="whole",
-        help="whole image, or sliding windows (default: whole)",
-    )
-    mode.add_argument(
-        "--crop-size",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="slide window: one size or H W (default: the model's input size)",
-    )
-    mode.add_argument(
-        "--stride",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="slide step: one size or H W (default: 2/3 of the window)",
-    )
-    mode.add_argument(
-        "--scales",
-        type=float,
-        nargs="+",
-        metavar="S",
-        help="multi-scale test: resize factors, e.g. 0.5 0.75 1 1.25 1.5 1.75",
-    )
-    mode.add_argument("--flip", action="store_true", help="also run the mirrored image and average")
-    mode.add_argument(
-        "--average",
-        choices=("logits", "softmax"),
-        default="logits",
-        help="how augmented passes are combined",
-    )
+    add_mode_arguments(parser)
     resize = parser.add_argument_group(
         "preprocessing (default: the model's preprocessor_config.json)"
     )
@@ -127,7 +94,6 @@ def run_eval(args: argparse.Namespace) -> int:
     import segformer
     from segformer import reports
     from segformer.data import open_dataset, read_labels_file, scan
-    from segformer.inference import InferenceMode
     from segformer.metrics import evaluate_dataset
     from segformer.processing import ImageProcessor
     from segformer.train import setup_distributed
@@ -181,14 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     elif args.native:
         processor = processor.replace(do_resize=False)
-    mode = InferenceMode(
-        args.mode,
-        crop_size=_one_or_two(args.crop_size),
-        stride=_one_or_two(args.stride),
-        scales=tuple(args.scales) if args.scales else (1.0,),
-        flip=args.flip,
-        average=args.average,
-    )
+    mode = mode_from_args(args)
     metrics = evaluate_dataset(
         model,
         dataset,
@@ -220,12 +179,3 @@ def run_eval(args: argparse.Namespace) -> int:
     if process.active:
         dist.barrier()
     return 0
-
-
-def _one_or_two(values: list[int] | None) -> int | tuple[int, int] | None:
-    """``--crop-size 512`` or ``--crop-size 512 1024`` as InferenceMode takes them."""
-    if values is None:
-        return None
-    if len(values) not in (1, 2):
-        raise SegformerError("--crop-size and --stride take one or two sizes (H W)")
-    return values[0] if len(values) == 1 else (values[0], values[1])

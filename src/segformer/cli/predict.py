@@ -66,39 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="built-in name, checkpoint file, model folder or hub id (default: the built-in model)",
     )
-    mode = parser.add_argument_group("inference mode")
-    mode.add_argument(
-        "--mode",
-        choices=("whole", "slide"),
-        default="whole",
-        help="whole image, or sliding windows (default: whole)",
-    )
-    mode.add_argument(
-        "--crop-size",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="slide window: one size or H W (default: the model's input size)",
-    )
-    mode.add_argument(
-        "--stride",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="slide step: one size or H W (default: 2/3 of the window)",
-    )
-    mode.add_argument(
-        "--scales",
-        type=float,
-        nargs="+",
-        metavar="S",
-        help="multi-scale test: resize factors, e.g. 0.5 0.75 1 1.25 1.5 1.75",
-    )
-    mode.add_argument("--flip", action="store_true", help="also run the mirrored image and average")
-    mode.add_argument(
-        "--average", choices=("logits", "softmax"), default="logits",
-        help="how augmented passes are combined (softmax: as mmsegmentation; default: logits)",
-    )  # fmt: skip
+    add_mode_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument(
         "--opacity", type=float, default=0.5, help="overlay colour opacity, 0–1 (default 0.5)"
@@ -141,6 +109,61 @@ def _max_pixels(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError("the pixel limit cannot be negative")
     return value or None
+
+
+def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The inference-mode flags, shared by ``predict`` and ``eval`` (they run the same path)."""
+    mode = parser.add_argument_group("inference mode")
+    mode.add_argument(
+        "--mode",
+        choices=("whole", "slide"),
+        default="whole",
+        help="whole image, or sliding windows (default: whole)",
+    )
+    mode.add_argument(
+        "--crop-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="slide window: one size or H W (default: the model's input size)",
+    )
+    mode.add_argument(
+        "--stride",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="slide step: one size or H W (default: 2/3 of the window)",
+    )
+    mode.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="multi-scale test: resize factors, e.g. 0.5 0.75 1 1.25 1.5 1.75",
+    )
+    mode.add_argument("--flip", action="store_true", help="also run the mirrored image and average")
+    mode.add_argument(
+        "--average", choices=("logits", "softmax"), default="logits",
+        help="how augmented passes are combined (softmax: as mmsegmentation; default: logits)",
+    )  # fmt: skip
+
+
+def mode_from_args(args: argparse.Namespace) -> Any:
+    """The ``InferenceMode`` the flags of ``add_mode_arguments`` describe."""
+    from segformer.inference import InferenceMode
+
+    if args.mode != "slide" and (args.crop_size or args.stride):
+        log.warning(
+            "warning: --crop-size and --stride apply to --mode slide; ignored in whole mode"
+        )
+    return InferenceMode(
+        mode=args.mode,
+        crop_size=_pair(args.crop_size, "--crop-size"),
+        stride=_pair(args.stride, "--stride"),
+        scales=tuple(args.scales) if args.scales else (1.0,),
+        flip=args.flip,
+        average=args.average,
+    )
 
 
 def _pair(values: list[int] | None, flag: str) -> tuple[int, int] | None:
@@ -247,7 +270,6 @@ def _top_classes(classes: list[Any], count: int = 5) -> str:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from segformer.inference import InferenceMode
     from segformer.segmenter import Segmenter, write_atomic
 
     out_dir = Path(args.out).expanduser()
@@ -257,18 +279,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise SegformerError("--opacity must be between 0 and 1")
     if args.batch_size < 1:
         raise SegformerError("--batch-size must be at least 1")
-    mode = InferenceMode(
-        mode=args.mode,
-        crop_size=_pair(args.crop_size, "--crop-size"),
-        stride=_pair(args.stride, "--stride"),
-        scales=tuple(args.scales) if args.scales else (1.0,),
-        flip=args.flip,
-        average=args.average,
-    )
-    if args.mode != "slide" and (args.crop_size or args.stride):
-        log.warning(
-            "warning: --crop-size and --stride apply to --mode slide; ignored in whole mode"
-        )
+    mode = mode_from_args(args)
     jobs, problems = collect_jobs(args.inputs, out_dir)
     for text, reason in problems:
         print(f"error: {text}: {reason}", file=sys.stderr)
