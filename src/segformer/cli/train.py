@@ -32,7 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "binary, list, hf). Writes checkpoints, TensorBoard events, plots, metrics.json and the "
             "best model (OUTPUT_DIR/best, loadable with segformer.load) into --output-dir."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("config", nargs="?", metavar="CONFIG", help="YAML or TOML file of settings")
     parser.add_argument(
