@@ -22,4 +22,6 @@ PY=${PYTHON:-python3}
 # swap in the multi-GB CUDA build.
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+# pyenv only sees new console scripts (the `segformer` command) after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 "$PY" -c "import torch, segformer; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('segformer', segformer.__version__, 'with torch', torch.__version__)"
