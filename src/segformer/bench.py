@@ -135,18 +135,6 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _count_macs(module: torch.nn.Module, pixels: torch.Tensor) -> tuple[int, Any]:
-    """Multiply-accumulates of ``module(pixels)`` (convs, linear layers, matmuls including
-    attention's, which the math SDPA backend exposes) and the output: the convention of
-    ``segformer.inference.count_macs``."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        output = module(pixels)
-    return counter.get_total_flops() // 2, output
-
-
 def executed_macs(
     model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int = 1
 ) -> int:
@@ -156,7 +144,9 @@ def executed_macs(
         shadow = SegformerForSemanticSegmentation(model.config).eval()
         fast = FastSegformer(shadow)
         pixels = torch.empty(batch, model.config.num_channels, *size)
-    return _count_macs(fast, pixels)[0]
+    from segformer.inference import macs_of
+
+    return macs_of(fast, pixels)
 
 
 # The input size each variant's ADE20K model was trained and evaluated at in the SegFormer

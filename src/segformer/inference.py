@@ -340,9 +340,6 @@ def count_macs(
     additions. The count runs on a weightless copy on PyTorch's "meta" device, so it is
     instant and allocates nothing, at any size.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     from segformer.model import SegformerForSemanticSegmentation
 
     if isinstance(model, SegformerConfig):
@@ -354,10 +351,17 @@ def count_macs(
     with torch.device("meta"):
         shadow = model_cls(config).eval()
         pixels = torch.empty(1, config.num_channels, *size)
-    # The math attention backend decomposes into batched matmuls, which the counter sees.
+    if as_published and isinstance(shadow, SegformerForSemanticSegmentation):
+        return macs_of(lambda x: shadow.decode_head.forward_as_published(shadow.encoder(x)), pixels)
+    return macs_of(shadow, pixels)
+
+
+def macs_of(function: Callable[[Tensor], Any], pixels: Tensor) -> int:
+    """Multiply-accumulates of ``function(pixels)``: convs, linear layers and matmuls (the
+    math attention backend decomposes attention into batched matmuls, which the counter sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        if as_published and isinstance(shadow, SegformerForSemanticSegmentation):
-            shadow.decode_head.forward_as_published(shadow.encoder(pixels))
-        else:
-            shadow(pixels)
+        function(pixels)
     return counter.get_total_flops() // 2
