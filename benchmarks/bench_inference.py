@@ -180,7 +180,6 @@ def main() -> int:
     results = bench.new_results()
     b0 = load(WEIGHTS)
     everything = list(bench.DEFAULT_ENGINES)
-    fast_paths = [("fast", "fp32"), ("compiled", "bf16")]
 
     def step(message: str) -> None:
         print(f"[{time.time() - started:6.0f} s] {message}", flush=True)
@@ -195,6 +194,7 @@ def main() -> int:
                 b0,
                 (512, 512),
                 engines=everything,
+                with_transformers_compiled=not args.quick,
                 rounds=rounds,
                 burst=args.burst,
                 image=STREET,
@@ -234,7 +234,7 @@ def main() -> int:
                 bench.run_model_job(
                     b2,
                     (512, 512),
-                    engines=fast_paths,
+                    engines=[("fast", "fp32"), ("compiled", "fp32"), ("compiled", "bf16")],
                     rounds=rounds,
                     burst=args.burst,
                     image=STREET,
@@ -247,7 +247,12 @@ def main() -> int:
                 bench.run_model_job(
                     b0,
                     (1024, 2048),
-                    engines=[("eager", "fp32"), ("fast", "fp32"), ("compiled", "bf16")],
+                    engines=[
+                        ("eager", "fp32"),
+                        ("fast", "fp32"),
+                        ("compiled", "fp32"),
+                        ("compiled", "bf16"),
+                    ],
                     rounds=max(3, rounds // 2),
                     image=STREET,
                     name="B0 1024×2048 (Cityscapes weights, street photo)",

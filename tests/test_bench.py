@@ -116,6 +116,22 @@ def test_model_job_with_transformers(tiny_folder):
     assert job["executed_gmacs"] < job["gmacs"]
 
 
+@pytest.mark.slow
+def test_model_job_can_add_transformers_compiled_as_a_point_of_comparison(tiny_folder):
+    model = segformer.load(tiny_folder)
+    job = bench.run_model_job(
+        model, (64, 64), engines=[("fast", "fp32")], with_transformers_compiled=True, rounds=2
+    )
+    rows = {row["engine"]: row for row in job["results"]}
+    assert list(rows) == ["transformers", "transformers compiled bf16", "fast fp32"]
+    compiled = rows["transformers compiled bf16"]
+    assert compiled["backend"] == "transformers compiled" and compiled["precision"] == "bf16"
+    # bf16 rounding, not a different function: close to eager transformers, not equal to it.
+    assert 0 < compiled["relative_error"] < 3e-2
+    assert compiled["label_agreement"] > 0.9
+    assert job["reference"] == "transformers"
+
+
 def test_labels_job_reports_identity():
     logits = torch.nn.functional.interpolate(
         torch.randn(1, 19, 4, 4) * 5, size=(32, 32), mode="bilinear"

@@ -54,11 +54,11 @@ if TYPE_CHECKING:
     from segformer.checkpoints import load, save
     from segformer.config import VARIANTS, SegformerConfig
     from segformer.errors import CheckpointError, DataError, ImageError, SegformerError
+    from segformer.inference import InferenceMode
     from segformer.model import (
         MixTransformer,
         SegformerForImageClassification,
         SegformerForSemanticSegmentation,
     )
-    from segformer.inference import InferenceMode
     from segformer.processing import ImageProcessor
     from segformer.segmenter import Segmenter

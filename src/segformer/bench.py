@@ -54,6 +54,7 @@ log = logging.getLogger("segformer")
 
 SCHEMA = "segformer-bench/1"
 TRANSFORMERS = "transformers"
+TRANSFORMERS_COMPILED = "transformers compiled"
 # (backend, precision) pairs a full run compares; transformers is added when installed.
 DEFAULT_ENGINES = (
     ("eager", "fp32"),
@@ -279,6 +280,29 @@ class _TransformersLogits:
             return self.model(pixel_values=pixel_values).logits
 
 
+class _TransformersCompiled(_TransformersLogits):
+    """transformers' model the way a user who knows ``torch.compile`` runs it: compiled by
+    Inductor with the weights frozen, under bf16 autocast. A point of comparison only (the
+    ratios stay against eager transformers)."""
+
+    backend = TRANSFORMERS_COMPILED
+    precision = "bf16"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.compiled = torch.compile(model)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with (
+            torch.inference_mode(),
+            inductor_config.patch(freezing=True),
+            torch.autocast(pixel_values.device.type, dtype=torch.bfloat16),
+        ):
+            return self.compiled(pixel_values=pixel_values).logits.float()
+
+
 # ---------------------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------------------
@@ -323,6 +347,7 @@ def run_model_job(
     batch: int = 1,
     engines: Sequence[tuple[str, str]] = DEFAULT_ENGINES,
     with_transformers: bool = True,
+    with_transformers_compiled: bool = False,
     rounds: int = 10,
     warmup: int = 1,
     image: str | os.PathLike[str] | None = None,
@@ -331,13 +356,24 @@ def run_model_job(
     burst: int = 1,
 ) -> dict[str, Any]:
     """Time the model's forward pass (pixel values → logits) through each of ``engines``
-    (and transformers), interleaved in this process; see the module docstring."""
+    (and transformers, and with ``with_transformers_compiled`` transformers compiled under
+    bf16 autocast too), interleaved in this process; see the module docstring."""
     pixels = sample_pixels(model, size, batch, image).to(device)
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     info: dict[str, dict[str, Any]] = {}
     if with_transformers and transformers_available():
         candidates[TRANSFORMERS] = _TransformersLogits(transformers_model(model, device))
         info[TRANSFORMERS] = {"backend": TRANSFORMERS, "precision": "fp32"}
+        if with_transformers_compiled:
+            label = engine_name(TRANSFORMERS_COMPILED, "bf16")
+            started = time.perf_counter()
+            candidates[label] = _TransformersCompiled(transformers_model(model, device))
+            candidates[label](pixels)  # compiles
+            info[label] = {
+                "backend": TRANSFORMERS_COMPILED,
+                "precision": "bf16",
+                "first_call_s": time.perf_counter() - started,
+            }
     for backend, precision in engines:
         label = engine_name(backend, precision)
         started = time.perf_counter()
@@ -731,15 +767,16 @@ def format_table(results: dict[str, Any]) -> str:
         if "identical" in job:
             header += f" · identical: {job['identical']}"
         lines.append(header)
+        width = max(22, *(len(row["engine"]) + 2 for row in job["results"]))
         lines.append(
-            f"  {'engine':<22}{'median ms':>11}{'p10–p90 ms':>17}{'img/s':>9}{'ratio':>8}"
+            f"  {'engine':<{width}}{'median ms':>11}{'p10–p90 ms':>17}{'img/s':>9}{'ratio':>8}"
             f"{'rel. error':>12}{'labels':>9}{'peak RSS':>10}"
         )
         for row in job["results"]:
             spread = f"{row['p10_ms']:.1f}–{row['p90_ms']:.1f}"
             agreement = row.get("label_agreement")
             lines.append(
-                f"  {row['engine']:<22}{row['median_ms']:>11.1f}{spread:>17}{row['images_per_s']:>9.2f}"
+                f"  {row['engine']:<{width}}{row['median_ms']:>11.1f}{spread:>17}{row['images_per_s']:>9.2f}"
                 f"{_fmt(row.get('ratio'), '.3f'):>8}{_fmt(row.get('relative_error'), '.1e'):>12}"
                 f"{_fmt(None if agreement is None else agreement * 100, '.2f'):>8}%"
                 f"{_fmt(row.get('peak_rss_mb'), '.0f'):>7} MiB"
@@ -777,7 +814,7 @@ def save_chart(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         rows = job["results"]
         names = [row["engine"] for row in rows]
         values = [row["median_ms"] for row in rows]
-        colours = ["#9e9e9e" if name == TRANSFORMERS else "#2f6db5" for name in names]
+        colours = ["#9e9e9e" if name.startswith(TRANSFORMERS) else "#2f6db5" for name in names]
         bars = axis.barh(range(len(rows)), values, color=colours)
         axis.set_yticks(range(len(rows)), names)
         axis.invert_yaxis()

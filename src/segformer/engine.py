@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -188,16 +189,17 @@ class FoldedDecoder(nn.Module):
         self.stages = stages
 
     def forward(self, features: list[tuple[Tensor, int, int]]) -> Tensor:
+        # The full-resolution map is the one big tensor here: it is written once and updated
+        # in place, because allocating (and page-faulting) a fresh one per stage cost more
+        # than the arithmetic.
         first, h, w = features[0]
-        fused = F.linear(first, self.stage0_weight, self.bias)  # (B, h·w, D), BatchNorm included
-        fused_map = _as_map(fused, h, w)
+        fused_map = _as_map(F.linear(first, self.stage0_weight, self.bias), h, w)  # (B, D, h, w)
         for i in range(1, self.stages):
             tokens, hi, wi = features[i]
             stage_map = _as_map(F.linear(tokens, getattr(self, f"stage{i}_weight")), hi, wi)
-            fused_map = fused_map + F.interpolate(
-                stage_map, size=(h, w), mode="bilinear", align_corners=False
-            )
-        fused = _as_tokens(fused_map.relu())  # (B, h·w, D)
+            upsampled = F.interpolate(stage_map, size=(h, w), mode="bilinear", align_corners=False)
+            fused_map.add_(upsampled)
+        fused = _as_tokens(fused_map.relu_())  # (B, h·w, D)
         logits = F.linear(fused, self.classifier_weight, self.classifier_bias)  # (B, h·w, K)
         return _as_map(logits, h, w)  # channels-last; engines hand it out contiguous
 
@@ -604,8 +606,12 @@ def create_engine(
 
 
 def model_digest(model: nn.Module) -> str:
-    """A short hash of a model's config and weights: the key of its cached exports."""
+    """A short hash of a model's config and weights and of the code that builds its forward
+    pass: the key of its cached exports (a new version of the engine must not load programs
+    compiled from the old one)."""
     digest = hashlib.sha256()
+    for module in (sys.modules[__name__], sys.modules[SegformerForSemanticSegmentation.__module__]):
+        digest.update(Path(module.__file__).read_bytes())
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_hf_dict"):
         digest.update(json.dumps(config.to_hf_dict(), sort_keys=True, default=str).encode())

@@ -349,9 +349,13 @@ def build_model(config: TrainConfig, labels: list[str]) -> SegformerForSemanticS
     try:
         model = segformer.load(config.model, task="semantic-segmentation", **overrides)
     except SegformerError:  # an encoder-only checkpoint needs the label count to load
-        return segformer.load(config.model, labels=labels, task="semantic-segmentation", **overrides)
+        return segformer.load(
+            config.model, labels=labels, task="semantic-segmentation", **overrides
+        )
     if model.config.num_labels != len(labels):
-        return segformer.load(config.model, labels=labels, task="semantic-segmentation", **overrides)
+        return segformer.load(
+            config.model, labels=labels, task="semantic-segmentation", **overrides
+        )
     if model.labels != list(labels):  # same count: only the names change
         model.config = model.config.with_labels(list(labels))
     return model

@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers out")
     parser.add_argument(
+        "--transformers-compiled",
+        action="store_true",
+        help="also time transformers compiled with torch.compile under bf16 autocast (compiles for a minute or more)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=10, help="timed calls per engine (default 10)"
     )
     parser.add_argument(
@@ -123,6 +128,7 @@ def run_bench(args: argparse.Namespace) -> int:
         batch=args.batch,
         engines=engines,
         with_transformers=with_transformers,
+        with_transformers_compiled=with_transformers and args.transformers_compiled,
         rounds=args.rounds,
         warmup=args.warmup,
         image=args.image,
