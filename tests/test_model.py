@@ -160,3 +160,62 @@ def test_variant_table_matches_the_paper():
     assert {
         row["decoder_hidden_size"] for name, row in VARIANTS.items() if name not in ("b0", "b1")
     } == {768}
+
+
+def _reference_attention(q, k, v):
+    """softmax(q·kᵀ/√d)·v in float64, written out independently."""
+    q, k, v = q.double(), k.double(), v.double()
+    weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+    return weights @ v
+
+
+def test_explicit_and_fused_attention_agree_with_the_formula_and_in_gradients():
+    from segformer.model import attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 16, requires_grad=True) for _ in range(3))
+    expected = _reference_attention(q, k, v)
+    grads = {}
+    for explicit in (False, True):
+        out = attend(q, k, v, explicit=explicit)
+        assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-6)
+        grads[explicit] = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for fused, spelled in zip(grads[False], grads[True], strict=True):
+        assert torch.allclose(fused, spelled, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_runs_explicit_only_for_small_half_precision_cpu_inputs(monkeypatch):
+    from segformer import model as model_module
+
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        model_module.F,
+        "scaled_dot_product_attention",
+        lambda *args, **kwargs: calls.append("fused") or fused(*args, **kwargs),
+    )
+    small = [torch.randn(1, 1, 64, 8) for _ in range(3)]
+    model_module.attend(*small)
+    model_module.attend(*(t.bfloat16() for t in small))
+    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_SCORES", 64 * 64 - 1)
+    model_module.attend(*(t.bfloat16() for t in small))
+    assert calls == ["fused", "fused"]  # fp32, then bf16 beyond the size limit
+
+
+def test_bf16_training_forward_and_backward_stay_close_to_fp32(tiny_config):
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(tiny_config).train()
+    pixels = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    full = model(pixels)
+    (full_grad,) = torch.autograd.grad(
+        full.square().mean(), model.encoder.stages[0].patch_embed.proj.weight
+    )
+    torch.manual_seed(1)  # same dropout and stochastic-depth draws
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(pixels)
+    (half_grad,) = torch.autograd.grad(
+        half.float().square().mean(), model.encoder.stages[0].patch_embed.proj.weight
+    )
+    assert (half.float() - full).norm() / full.norm() < 3e-2
+    assert (half_grad - full_grad).norm() / full_grad.norm() < 1e-1

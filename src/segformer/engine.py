@@ -64,6 +64,7 @@ from segformer.model import (
     EncoderStage,
     MixFFN,
     SegformerForSemanticSegmentation,
+    attend,
 )
 
 log = logging.getLogger("segformer")
@@ -116,18 +117,8 @@ def _as_tokens(feature_map: Tensor) -> Tensor:
     return feature_map.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, explicit: bool) -> Tensor:
-    """softmax(q·kᵀ/√d)·v: PyTorch's fused kernel, or spelled out as two matmuls and a
-    softmax (``explicit``), which Inductor compiles into faster bf16 code on CPUs whose fused
-    attention kernel has no bf16 fast path."""
-    if not explicit:
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
-    return torch.matmul(scores.softmax(dim=-1), v)
-
-
 def _attention(
-    attention: EfficientSelfAttention, x: Tensor, h: int, w: int, explicit: bool
+    attention: EfficientSelfAttention, x: Tensor, h: int, w: int, explicit: bool | None
 ) -> Tensor:
     b, n, c = x.shape
     heads = attention.heads
@@ -138,7 +129,7 @@ def _attention(
     else:
         kv_in = x
     kv = attention.key_value(kv_in).view(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-    out = _attend(q, kv[0], kv[1], explicit)  # (B, heads, N, d)
+    out = attend(q, kv[0], kv[1], explicit=explicit)  # (B, heads, N, d)
     return attention.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -149,7 +140,7 @@ def _mix_ffn(ffn: MixFFN, x: Tensor, h: int, w: int) -> Tensor:
 
 
 def _stage(
-    stage: EncoderStage, x: Tensor, explicit_attention: bool = False
+    stage: EncoderStage, x: Tensor, explicit_attention: bool | None = None
 ) -> tuple[Tensor, int, int]:
     """One encoder stage on a (B, C, H, W) map; returns its output tokens and their grid."""
     embedded = stage.patch_embed.proj(x)
@@ -213,7 +204,7 @@ class FastSegformer(nn.Module):
     """
 
     def __init__(
-        self, model: SegformerForSemanticSegmentation, explicit_attention: bool = False
+        self, model: SegformerForSemanticSegmentation, explicit_attention: bool | None = None
     ) -> None:
         super().__init__()
         if not isinstance(model, SegformerForSemanticSegmentation):
@@ -320,7 +311,7 @@ class CompiledEngine(TorchEngine):
         dynamic: bool | None = None,
     ) -> None:
         half = precision != "fp32"
-        fast = FastSegformer(model, explicit_attention=half)
+        fast = FastSegformer(model, explicit_attention=True if half else None)
         super().__init__(model, fast, "compiled", precision, device)
         self.dynamic = dynamic
         self._digest = model_digest(model)

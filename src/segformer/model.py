@@ -71,6 +71,35 @@ class OverlapPatchEmbed(nn.Module):
         return x, h, w
 
 
+# Above this many attention scores (batch × heads × queries × keys) the explicit form's
+# materialised score matrix costs more memory traffic than the fused kernel saves.
+EXPLICIT_ATTENTION_MAX_SCORES = 1 << 25
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, explicit: bool | None = None
+) -> Tensor:
+    """softmax(q·kᵀ/√d)·v over (B, heads, N, d) queries and (B, heads, M, d) keys and values.
+
+    ``explicit``: spell it out as two matmuls and a softmax instead of PyTorch's fused kernel.
+    None chooses: explicit for half precision on the CPU when the score matrix is small (as
+    in training crops), where the fused kernel's half-precision path runs forward and
+    backward 2–4× slower; the fused kernel otherwise (fp32 results stay bit-for-bit those of
+    transformers, which uses it too)."""
+    if explicit is None:
+        b, heads, n, _ = q.shape
+        explicit = (
+            q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and b * heads * n * k.shape[-2] <= EXPLICIT_ATTENTION_MAX_SCORES
+        )
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # (B, heads, N, M)
+    probabilities = F.dropout(scores.softmax(dim=-1), dropout, training=dropout > 0)
+    return torch.matmul(probabilities, v)
+
+
 class EfficientSelfAttention(nn.Module):
     """Multi-head attention whose keys and values come from a sequence shrunk by ``sr_ratio``²
     (a conv with kernel = stride = sr_ratio), so the cost is N·N/R² instead of N²."""
@@ -104,7 +133,7 @@ class EfficientSelfAttention(nn.Module):
         kv = self.key_value(kv_in).view(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]  # (B, heads, N/R², d)
         dropout = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, heads, N, d)
+        out = attend(q, k, v, dropout)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(b, n, c)
         return self.dropout(self.proj(out))
 
