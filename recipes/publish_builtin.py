@@ -64,8 +64,15 @@ def main() -> None:
     parser.add_argument(
         "--wall-time", default=None, help="training wall time to report, e.g. '2 h 40 min'"
     )
+    parser.add_argument(
+        "--notes",
+        type=Path,
+        default=REPO / "recipes" / "camvid-b0-notes.md",
+        help="Markdown on how the run went and what mattered, put into the card",
+    )
     args = parser.parse_args()
 
+    notes = args.notes.read_text(encoding="utf-8").strip() if args.notes.is_file() else ""
     model = segformer.load(args.run / "best")
     processor = ImageProcessor.from_model(model)
     dataset = open_dataset(args.data, "camvid", "val")
@@ -107,7 +114,7 @@ def main() -> None:
         reports.plot_validation_curve(history, staging / "validation.png")
         reports.plot_per_class_iou(whole, staging / "per_class_iou.png")
         (staging / "README.md").write_text(
-            model_card(results, history, training, args.wall_time), encoding="utf-8"
+            model_card(results, history, training, args.wall_time, notes), encoding="utf-8"
         )
         if TARGET.exists():
             shutil.rmtree(TARGET)
@@ -127,7 +134,9 @@ def read_history(run: Path) -> dict:
     return load_checkpoint(checkpoints[-1][1])["history"] if checkpoints else {}
 
 
-def model_card(results: dict, history: dict, training: dict, wall_time: str | None) -> str:
+def model_card(
+    results: dict, history: dict, training: dict, wall_time: str | None, notes: str = ""
+) -> str:
     whole = results["whole"]
     steps = training.get("steps", "?")
     recipe = training.get("recipe", {})
@@ -193,6 +202,9 @@ never used: it is held back to judge this model.
 
 ![training curves](training_curves.png)
 ![validation mIoU](validation.png)
+![per-class IoU](per_class_iou.png)
+
+{notes}
 
 ## Licence
 

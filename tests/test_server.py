@@ -291,6 +291,9 @@ def test_mode_option_uses_slide_inference(client: TestClient) -> None:
     body = segment(client, png_bytes(96, 80), mode="slide").json()
     assert body["mode"].startswith("slide")
     assert segment(client, png_bytes()).json()["mode"] == "whole"
+    # Both modes run on one engine: a compiled program or session is not loaded twice.
+    model = served(client)
+    assert model.segmenter("slide").engine is model.segmenter("whole").engine
 
 
 def test_content_decides_not_name_or_header(client: TestClient) -> None:

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 
 from segformer import visualize
-from segformer.engine import create_engine, resolve_device
+from segformer.engine import Engine, create_engine, resolve_device
 from segformer.errors import CheckpointError, ImageError, SegformerError
 from segformer.inference import InferenceMode, predict_labels_each
 from segformer.model import SegformerForSemanticSegmentation
@@ -333,8 +333,9 @@ class Segmenter:
     and the class palette, bundled.
 
     ``Segmenter(model, processor=None, *, device="auto", precision="fp32", backend="auto",
-    mode="whole", batch_size=4, max_pixels=..., name=None, **mode_options)``; usually built with
-    ``Segmenter.from_pretrained``. ``mode``: ``"whole"``, ``"slide"`` or an ``InferenceMode``;
+    mode="whole", batch_size=4, max_pixels=..., name=None, engine=None, **mode_options)``;
+    usually built with ``Segmenter.from_pretrained``. ``engine``: an existing engine for this
+    model to share (``backend`` and ``precision`` are then its own). ``mode``: ``"whole"``, ``"slide"`` or an ``InferenceMode``;
     ``mode_options``: its fields (``crop_size``, ``stride``, ``scales``, ``flip``, ``average``).
     In slide mode images keep their full resolution (the processor's fixed-size resize is
     turned off; a keep-ratio rescale is kept) and the crop defaults to the model's training
@@ -358,6 +359,7 @@ class Segmenter:
         batch_size: int = 4,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         name: str | None = None,
+        engine: Engine | None = None,
         **mode_options: Any,
     ) -> None:
         if not isinstance(model, SegformerForSemanticSegmentation):
@@ -378,7 +380,11 @@ class Segmenter:
                 processor = processor.replace(do_resize=False)
         self.model = model
         self.device = str(resolve_device(device))
-        self.engine = create_engine(model, backend=backend, precision=precision, device=self.device)
+        # A given engine (another Segmenter's, for another mode) is shared rather than built
+        # again: a compiled program or onnxruntime session is loaded once per model.
+        self.engine = engine or create_engine(
+            model, backend=backend, precision=precision, device=self.device
+        )
         self.processor = processor
         self.mode = inference_mode
         self.batch_size = batch_size

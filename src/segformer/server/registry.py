@@ -76,8 +76,7 @@ class ServedModel:
                 segmenter = Segmenter(
                     base.model,
                     device=base.device,
-                    precision=settings.precision,
-                    backend=settings.backend,
+                    engine=base.engine,
                     mode=mode,
                     max_pixels=settings.max_pixels,
                     name=self.name,
