@@ -109,66 +109,40 @@ def binary_table() -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3), decoded exactly as prediction decodes it
-    (``segformer.processing.read_image``: EXIF orientation applied, transparency on white)."""
+def read_image(source: str | os.PathLike[str] | Image.Image, name: str | None = None) -> np.ndarray:
+    """An image (file or PIL image) as uint8 RGB (H, W, 3), decoded exactly as prediction
+    decodes it (``segformer.processing.read_image``: EXIF orientation applied, transparency on
+    white)."""
     from segformer.processing import read_image as decode
 
     try:
-        return np.array(decode(path, max_pixels=None))
+        return np.array(decode(source, max_pixels=None, name=name))
     except ImageError as exc:
         raise DataError(str(exc)) from None
 
 
-def mask_array(
-    image: Image.Image, source: str, palette: Sequence[Sequence[int]] | None = None
-) -> np.ndarray:
-    """A mask as uint8 (H, W) of stored values. Palette-mode PNGs give their indices; an RGB
-    mask is read through ``palette`` (colour k → k)."""
-    if image.mode in ("L", "P", "1"):
-        return np.asarray(image.convert("L") if image.mode == "1" else image, dtype=np.uint8)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(image)
-        if values.min() < 0 or values.max() > 255:
-            raise DataError(
-                f"{source}: mask values reach {int(values.max())}; masks must hold 0..255"
-            )
-        return values.astype(np.uint8)
-    if image.mode in ("RGB", "RGBA"):
-        rgb = np.asarray(image.convert("RGB"))
-        if palette is None:
-            raise DataError(
-                f"{source}: colour (RGB) mask but no palette to read it with; give a labels JSON "
-                "with a palette, or save masks as single-channel class ids"
-            )
-        return colour_mask_to_ids(rgb, palette, source)
-    raise DataError(f"{source}: unsupported mask mode {image.mode}")
-
-
-def colour_mask_to_ids(
-    rgb: np.ndarray, palette: Sequence[Sequence[int]], source: str
-) -> np.ndarray:
-    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    palette_codes = np.array([(r << 16) | (g << 8) | b for r, g, b in palette], dtype=np.int64)
-    order = np.argsort(palette_codes)
-    position = np.searchsorted(palette_codes[order], codes).clip(0, len(order) - 1)
-    found = palette_codes[order][position] == codes
-    if not found.all():
-        y, x = np.argwhere(~found)[0]
-        raise DataError(
-            f"{source}: colour {tuple(int(c) for c in rgb[y, x])} at ({x}, {y}) is not in the palette"
-        )
-    return order[position].astype(np.uint8)
-
-
 def read_mask(
-    path: str | os.PathLike[str], palette: Sequence[Sequence[int]] | None = None
+    source: str | os.PathLike[str] | Image.Image,
+    palette: Sequence[Sequence[int]] | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
+    """A stored mask as uint8 (H, W), decoded as ``segformer.processing.read_mask`` decodes
+    label images (palette PNGs give their indices; colour masks are read through ``palette``,
+    colour k → k); values must fit 0..255, where 255 is "ignore"."""
+    from segformer.processing import read_mask as decode
+
+    label = name or str(source)
     try:
-        with Image.open(path) as image:
-            return mask_array(image, str(path), palette)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable mask ({exc})") from None
+        values = decode(source, max_pixels=None, name=label, palette=palette)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+    if values.dtype != np.uint8:
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise DataError(
+                f"{label}: mask values reach {int(values.max())}; masks must hold 0..255"
+            )
+        values = values.astype(np.uint8)
+    return values
 
 
 # EXIF orientations that turn the stored picture by 90° (so height and width swap).
@@ -338,13 +312,13 @@ class HFSegmentationDataset(SegmentationDataset):
         return image.height, image.width
 
     def read_image(self, index: int) -> np.ndarray:
-        image = self._cell(self.images, self.image_column, index, self.describe(index))
-        return np.array(image.convert("RGB"))
+        source = self.describe(index)
+        return read_image(self._cell(self.images, self.image_column, index, source), source)
 
     def read_stored_mask(self, index: int) -> np.ndarray:
         source = self.mask_source(index)
-        return mask_array(
-            self._cell(self.masks, self.mask_column, index, source), source, self.mask_palette
+        return read_mask(
+            self._cell(self.masks, self.mask_column, index, source), self.mask_palette, source
         )
 
 

@@ -301,12 +301,18 @@ def read_image(
 
 
 def read_mask(
-    source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+    source: ImageSource,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
 ) -> np.ndarray:
     """An (H, W) integer label map from a label image (8- or 16-bit grayscale PNG; palette PNGs
     give their palette indices, not colours), a PIL image, or an integer array / tensor.
+    ``palette``: class k's colour, for reading colour masks (colour k → k).
 
-    Raises ImageError for unreadable files and for colour masks (labels must be class indices).
+    Raises ImageError for unreadable files, and for colour masks without a ``palette`` or
+    with a colour that is not in it.
     """
     label = _source_name(source, name)
     if isinstance(source, (np.ndarray, torch.Tensor)):
@@ -338,13 +344,33 @@ def read_mask(
             bands[..., 0], bands[..., 2]
         ):
             return np.ascontiguousarray(bands[..., 0])  # a gray mask saved as RGB
+        if palette is not None:
+            return colour_mask_to_ids(bands[..., :3], palette, label)
         raise ImageError(
             f"{label}: a colour mask; labels must be class indices (a grayscale or palette image), "
-            "so map its colours to indices first"
+            "or give the palette that maps its colours to classes (for training: a labels JSON "
+            "with a palette)"
         )
     raise ImageError(
         f"{label}: mode {image.mode} is not a label image (expected grayscale or palette)"
     )
+
+
+def colour_mask_to_ids(
+    rgb: np.ndarray, palette: Sequence[Sequence[int]], source: str
+) -> np.ndarray:
+    """(H, W, 3) colours → (H, W) uint8 class ids, colour ``palette[k]`` → k."""
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    palette_codes = np.array([(r << 16) | (g << 8) | b for r, g, b in palette], dtype=np.int64)
+    order = np.argsort(palette_codes)
+    position = np.searchsorted(palette_codes[order], codes).clip(0, len(order) - 1)
+    found = palette_codes[order][position] == codes
+    if not found.all():
+        y, x = np.argwhere(~found)[0]
+        raise ImageError(
+            f"{source}: colour {tuple(int(c) for c in rgb[y, x])} at ({x}, {y}) is not in the palette"
+        )
+    return order[position].astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------
