@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from segformer.allocator import use_fast_allocator
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SEGFORMER_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "weights" / "segformer-b0-cityscapes"
@@ -297,20 +299,8 @@ def main() -> int:
     return 0
 
 
-def _with_fast_allocator() -> None:
-    """Re-execute this script once with the allocator the command line uses (tcmalloc or
-    tuned glibc), which must be in place before torch loads; see segformer.allocator."""
-    from segformer.allocator import environment
-
-    changes = environment()
-    if changes and not os.environ.get("SEGFORMER_ALLOCATOR_SET"):
-        os.execve(
-            sys.executable,
-            [sys.executable, *sys.argv],
-            {**os.environ, **changes, "SEGFORMER_ALLOCATOR_SET": "1"},
-        )
-
-
 if __name__ == "__main__":
-    _with_fast_allocator()
+    # The allocator the command line uses (tcmalloc or tuned glibc), in place before torch
+    # loads: this re-executes the script once (see segformer.allocator).
+    use_fast_allocator(sys.argv[1:], script=True)
     raise SystemExit(main())

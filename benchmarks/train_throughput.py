@@ -2,8 +2,8 @@
 doing the same training step, side by side in one run.
 
 One step = forward on a batch of 512×512 crops, the loss (logits upsampled to the labels,
-cross-entropy over non-ignored pixels: ``segformer.train.segmentation_loss`` for both), backward,
-and an AdamW step. Both models start from the same weights (ours saved and loaded by
+cross-entropy over non-ignored pixels, each library's own: ``segformer.train.segmentation_loss``
+for ours, ``labels=`` in transformers' forward), backward, and an AdamW step. Both models start from the same weights (ours saved and loaded by
 transformers, checked to give the same logits) in train mode (dropout, stochastic depth).
 
 Timing: both models live in one process and take turns, one step each, so that load from other
@@ -28,21 +28,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from segformer.allocator import allocator_in_use, use_fast_allocator
+
 MODELS = ("ours", "transformers")
 
 
 def build(kind: str, labels: int) -> tuple[Any, Callable]:
-    """The model and its forward (pixels → logits); both kinds get the same weights."""
+    """The model and its training loss (pixels, labels → loss); both kinds get the same
+    weights."""
     import torch
 
     import segformer
     from segformer.config import SegformerConfig
     from segformer.model import SegformerForSemanticSegmentation
+    from segformer.train import segmentation_loss
 
     torch.manual_seed(0)
     ours = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=labels))
     if kind == "ours":
-        return ours.train(), ours
+        return ours.train(), lambda pixels, target: segmentation_loss(ours(pixels), target)
     import transformers
 
     with tempfile.TemporaryDirectory() as folder:
@@ -56,16 +60,18 @@ def build(kind: str, labels: int) -> tuple[Any, Callable]:
             raise SystemExit(
                 "transformers' model does not reproduce ours: the weights did not transfer"
             )
-    return theirs.train(), lambda pixels: theirs(pixel_values=pixels).logits
+    # transformers' own loss, as its users train: logits upsampled to the labels, then
+    # cross-entropy ignoring 255 (its semantic_loss_ignore_index), averaged over the rest.
+    return theirs.train(), lambda pixels, target: theirs(pixel_values=pixels, labels=target).loss
 
 
 def make_step(kind: str, precision: str, labels: int, batch: int, size: int) -> Callable[[], float]:
     """A function that runs one training step and returns its wall time."""
     import torch
 
-    from segformer.train import autocast, segmentation_loss
+    from segformer.train import autocast
 
-    model, forward = build(kind, labels)
+    model, loss_of = build(kind, labels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
     generator = torch.Generator().manual_seed(1)
     pixels = torch.randn(batch, 3, size, size, generator=generator)
@@ -76,8 +82,8 @@ def make_step(kind: str, precision: str, labels: int, batch: int, size: int) -> 
     def step() -> float:
         start = time.perf_counter()
         with autocast(device, precision):
-            logits = forward(pixels)
-        segmentation_loss(logits, target).backward()
+            loss = loss_of(pixels, target)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
@@ -175,7 +181,7 @@ def main() -> None:
             )
 
     threads = args.threads or torch.get_num_threads()
-    allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+    allocator = allocator_in_use()
     print(
         f"\nB0, batch {args.batch_size}, {args.size}×{args.size}, {args.labels} classes, forward + loss + backward + "
         f"AdamW; CPU, {threads} threads, {allocator}, torch {torch.__version__}\n"
@@ -207,4 +213,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # The allocator the command line uses (tcmalloc or tuned glibc), in place before torch
+    # loads: this re-executes the script once (see segformer.allocator).
+    use_fast_allocator(sys.argv[1:], script=True)
     main()

@@ -133,6 +133,62 @@ def test_optimizer_groups_head_lr_and_no_decay_on_norms_and_biases(tiny_model):
     assert sum(len(g["params"]) for g in groups.values()) == len(list(tiny_model.parameters()))
 
 
+def _float64_loss(logits, labels, weights):
+    """The loss written out with PyTorch's own upsampling and cross-entropy, in float64."""
+    up = F.interpolate(
+        logits.double(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+    )
+    total = F.cross_entropy(
+        up,
+        labels,
+        weight=None if weights is None else weights.double(),
+        ignore_index=255,
+        reduction="sum",
+    )
+    return total / (labels != 255).sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("classes", [5, 40])  # planar and channels-last paths
+@pytest.mark.parametrize(
+    "shape",
+    [((9, 12), (36, 48)), ((7, 10), (29, 41)), ((8, 8), (8, 8))],
+    ids=["4x-bands", "uneven-scale", "same-size"],
+)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_banded_loss_and_gradient_equal_upsample_then_cross_entropy(
+    classes, shape, weighted, monkeypatch
+):
+    from segformer import train as training
+
+    monkeypatch.setattr(training, "_LOSS_BAND_ELEMENTS", 2000)  # many small bands
+    torch.manual_seed(classes)
+    (h, w), (height, width) = shape
+    logits = (torch.randn(3, classes, h, w) * 3).requires_grad_()
+    labels = torch.randint(0, classes, (3, height, width))
+    labels[0, :5] = 255
+    labels[1] = 255  # an image with nothing labelled contributes nothing
+    weights = torch.rand(classes) + 0.5 if weighted else None
+    loss = segmentation_loss(logits, labels, weights)
+    (gradient,) = torch.autograd.grad(loss * 3.0, logits)
+    reference_logits = logits.detach().double().requires_grad_()
+    reference = _float64_loss(reference_logits, labels, weights)
+    (expected,) = torch.autograd.grad(reference * 3.0, reference_logits)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(gradient.double(), expected, rtol=1e-4, atol=1e-9)
+    assert not gradient[1].any()
+
+
+def test_loss_on_bf16_logits_returns_a_bf16_gradient():
+    logits = torch.randn(2, 20, 8, 8).bfloat16().requires_grad_()
+    labels = torch.randint(0, 20, (2, 32, 32))
+    segmentation_loss(logits, labels).backward()
+    assert logits.grad.dtype == torch.bfloat16
+    reference_logits = logits.detach().double().requires_grad_()
+    _float64_loss(reference_logits, labels, None).backward()
+    error = (logits.grad.double() - reference_logits.grad).norm() / reference_logits.grad.norm()
+    assert error < 1e-2  # bf16 rounding of the gradient only
+
+
 def test_loss_is_cross_entropy_averaged_over_labelled_pixels():
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 2, 2)

@@ -67,11 +67,6 @@ def allocator_in_use() -> str:
     return "glibc"
 
 
-def _requested() -> str:
-    choice = os.environ.get("SEGFORMER_ALLOCATOR", "auto").strip().lower() or "auto"
-    return choice if choice in CHOICES else "auto"
-
-
 def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment variables to add so that a new process starts with the preferred
     allocator (empty when ``SEGFORMER_ALLOCATOR=system``, on non-Linux systems, or when the
@@ -92,17 +87,19 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return {"GLIBC_TUNABLES": ":".join(filter(None, [tunables, *GLIBC_TUNING]))}
 
 
-def use_fast_allocator(argv: list[str]) -> None:
-    """Re-execute ``segformer`` once with ``environment()`` applied, when it changes anything.
-    Called first thing by the command line; too late once torch is imported (its memory
-    already came from the old allocator), so then it does nothing."""
+def use_fast_allocator(argv: list[str], script: bool = False) -> None:
+    """Re-execute this process once with ``environment()`` applied, when it changes anything:
+    as ``segformer`` with ``argv``, or with ``script`` as this Python script (``sys.argv[0]``,
+    for benchmark scripts). Called first thing by the command line; too late once torch is
+    imported (its memory already came from the old allocator), so then it does nothing."""
     if os.environ.get(_MARK) or "torch" in sys.modules:
         return
     changes = environment()
     if not changes:
         return
     env = {**os.environ, **changes, _MARK: "1"}
+    program = [sys.argv[0]] if script else ["-m", "segformer.cli"]
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "segformer.cli", *argv], env)
+        os.execve(sys.executable, [sys.executable, *program, *argv], env)
     except OSError:
         return  # keep going with the system allocator rather than fail
