@@ -237,7 +237,7 @@ def test_colour_masks_are_read_through_a_palette(tmp_path):
     save_png(np.array(palette, np.uint8)[label], tmp_path / "masks" / "a.png")
     dataset = open_dataset(tmp_path, "folder", None, mask_palette=palette)
     assert np.array_equal(as_numpy(dataset[0])[1], label)
-    with pytest.raises(DataError, match="a colour mask; .*labels JSON"):
+    with pytest.raises(DataError, match=r"a colour mask; .*labels JSON"):
         open_dataset(tmp_path, "folder", None)[0]
 
 

@@ -197,7 +197,7 @@ def test_attention_runs_explicit_only_for_small_half_precision_cpu_inputs(monkey
     small = [torch.randn(1, 1, 64, 8) for _ in range(3)]
     model_module.attend(*small)
     model_module.attend(*(t.bfloat16() for t in small))
-    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_SCORES", 64 * 64 - 1)
+    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_HEAD_SCORES", 64 * 64 - 1)
     model_module.attend(*(t.bfloat16() for t in small))
     assert calls == ["fused", "fused"]  # fp32, then bf16 beyond the size limit
 
