@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -144,7 +143,10 @@ def main() -> None:
         step = make_step(*args.memory_of, args.labels, args.batch_size, args.size)
         for _ in range(args.warmup + 2):
             step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM, not ru_maxrss: the latter keeps the parent's resident size from before exec.
+        from segformer.bench import peak_rss_mb
+
+        print(peak_rss_mb())
         return
 
     results: list[dict[str, Any]] = []
