@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,17 @@ def screenshots(tmp_path: Path) -> Path:
     return folder
 
 
+def wait_in_page(page, predicate: str, arg=None, timeout: float = 10.0) -> None:
+    """Poll a JavaScript predicate from the test side until it is true. (Playwright's
+    ``wait_for_function`` polls with ``eval`` inside the page, which the app's
+    Content-Security-Policy forbids, so it fails whenever the first check is false.)"""
+    deadline = time.monotonic() + timeout
+    while not (page.evaluate(predicate) if arg is None else page.evaluate(predicate, arg)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for: {predicate}")
+        page.wait_for_timeout(50)
+
+
 def open_page(browser, site: Site, width: int, height: int):
     page = browser.new_page(viewport={"width": width, "height": height})
     errors: list[str] = []
@@ -102,7 +114,7 @@ def open_page(browser, site: Site, width: int, height: int):
         "console", lambda message: errors.append(message.text) if message.type == "error" else None
     )
     page.goto(site.url + "/")
-    page.wait_for_function("document.body.dataset.ready === 'ok'", timeout=10_000)
+    wait_in_page(page, "document.body.dataset.ready === 'ok'")
     return page, errors
 
 
@@ -128,7 +140,7 @@ def test_upload_image_shows_overlay_and_legend(
 
     page.set_input_files("#image-input", str(photo))
     page.wait_for_selector("#legend li", timeout=20_000)
-    page.wait_for_function("document.querySelector('#image-busy').hidden")
+    wait_in_page(page, "document.querySelector('#image-busy').hidden")
     names = page.locator("#legend .name").all_text_contents()
     assert names and set(names) <= {"background", "thing", "stuff"}
     shares = [
@@ -144,14 +156,15 @@ def test_upload_image_shows_overlay_and_legend(
     page.on("request", lambda request: "/v1/" in request.url and api_calls.append(request.url))
     before = overlay_pixel(page)
     page.fill("#opacity", "100")
-    page.wait_for_function(
+    wait_in_page(
+        page,
         """before => {
             const c = document.querySelector('#overlay-canvas');
             const now = c.getContext('2d').getImageData(c.width >> 1, c.height - 5, 1, 1).data;
             return Array.from(now).some((v, i) => v !== before[i]);
         }""",
         arg=before,
-        timeout=5_000,
+        timeout=5.0,
     )
     page.fill("#opacity", "55")
     assert not api_calls
