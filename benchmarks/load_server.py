@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -54,16 +53,6 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def default_image() -> bytes:
@@ -197,6 +186,8 @@ def _run(
         rss_idle = peak_rss_mb(server.pid)
         form = {"include": args.include.split(",")}
         results = run_clients(url, image, args.clients, args.seconds, form)
+        from segformer.bench import cpu_model  # after the run: it loads torch
+
         results.update(
             {
                 "model": Path(args.model).name,

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 import segformer
 from segformer import reports
+from segformer.bench import cpu_model
 from segformer.data import open_dataset
 from segformer.inference import InferenceMode
 from segformer.metrics import evaluate_dataset
@@ -43,16 +43,6 @@ DATA_TERMS = (
     "redistributed with the SegNet tutorial; a research data set — check its terms before "
     "commercial use of models trained on it."
 )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -197,7 +187,7 @@ never used: it is held back to judge this model.
 - Command: `segformer train recipes/camvid-b0.yaml` (resume with `segformer train --resume runs/camvid-b0`),
   then `python recipes/publish_builtin.py runs/camvid-b0`.
 - Steps: {steps} of batch {recipe.get("batch_size", "?")}.
-- Hardware: {cpu_name()}, 2 cores, no GPU (torch {torch.__version__}).
+- Hardware: {cpu_model()}, 2 cores, no GPU (torch {torch.__version__}).
 - Wall time: {wall_time or "see the run log"}.
 
 ![training curves](training_curves.png)
