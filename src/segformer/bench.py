@@ -362,12 +362,14 @@ def run_model_job(
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     info: dict[str, dict[str, Any]] = {}
     if with_transformers and transformers_available():
-        candidates[TRANSFORMERS] = _TransformersLogits(transformers_model(model, device))
+        reference_model = transformers_model(model, device)
+        candidates[TRANSFORMERS] = _TransformersLogits(reference_model)
         info[TRANSFORMERS] = {"backend": TRANSFORMERS, "precision": "fp32"}
         if with_transformers_compiled:
             label = engine_name(TRANSFORMERS_COMPILED, "bf16")
             started = time.perf_counter()
-            candidates[label] = _TransformersCompiled(transformers_model(model, device))
+            # Compiling leaves the module as it is, so both entries can share one model.
+            candidates[label] = _TransformersCompiled(reference_model)
             candidates[label](pixels)  # compiles
             info[label] = {
                 "backend": TRANSFORMERS_COMPILED,

@@ -597,6 +597,32 @@ def load(
     return model
 
 
+def load_segmentation_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    purpose: str = "segmentation",
+    revision: str | None = None,
+) -> SegformerForSemanticSegmentation:
+    """``load`` for the places that need a segmentation model: ``None`` means the package's
+    built-in default model, and a classification checkpoint is refused in one line saying
+    that ``purpose`` needs a segmentation model."""
+    from segformer.builtin import DEFAULT_MODEL, builtin_path
+
+    if name_or_path is None:
+        if builtin_path(DEFAULT_MODEL) is None:
+            raise CheckpointError(
+                f"no model given, and the built-in model {DEFAULT_MODEL!r} is not installed in "
+                "this package: name one (--model M on the command line, M in Python)"
+            )
+        name_or_path = DEFAULT_MODEL
+    model = load(name_or_path, revision=revision)
+    if not isinstance(model, SegformerForSemanticSegmentation):
+        raise CheckpointError(
+            f"{name_or_path}: an image-classification model; {purpose} needs a segmentation model"
+        )
+    return model
+
+
 # ---------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------

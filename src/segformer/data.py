@@ -398,19 +398,25 @@ def list_pairs(root: Path, split: str | None) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _png_masks_mirroring(image_dir: Path, mask_dir: Path, noun: str) -> list[tuple[Path, Path]]:
+    """Each image under ``image_dir`` with the PNG at the same relative path under
+    ``mask_dir``; a missing one is an error naming it as ``noun``."""
+    pairs = []
+    for image in _images_in(image_dir):
+        mask = mask_dir / image.relative_to(image_dir).with_suffix(".png")
+        if not mask.is_file():
+            raise DataError(f"{image}: missing {noun} {mask}")
+        pairs.append((image, mask))
+    return pairs
+
+
 def camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     image_dir, mask_dir = root / split, root / f"{split}annot"
     if not image_dir.is_dir() or not mask_dir.is_dir():
         raise DataError(
             f"{root}: not a CamVid (SegNet layout) folder: expected {split}/ and {split}annot/"
         )
-    pairs = []
-    for image in _images_in(image_dir):
-        mask = mask_dir / image.relative_to(image_dir).with_suffix(".png")
-        if not mask.is_file():
-            raise DataError(f"{image}: missing mask {mask}")
-        pairs.append((image, mask))
-    return pairs
+    return _png_masks_mirroring(image_dir, mask_dir, "mask")
 
 
 _ADE_SPLITS = {
@@ -428,13 +434,7 @@ def ade20k_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         raise DataError(
             f"{root}: not an ADEChallengeData2016 folder: expected images/{folder}/ and annotations/{folder}/"
         )
-    pairs = []
-    for image in _images_in(image_dir):
-        mask = mask_dir / image.relative_to(image_dir).with_suffix(".png")
-        if not mask.is_file():
-            raise DataError(f"{image}: missing annotation {mask}")
-        pairs.append((image, mask))
-    return pairs
+    return _png_masks_mirroring(image_dir, mask_dir, "annotation")
 
 
 def ade20k_labels(root: Path) -> list[str] | None:

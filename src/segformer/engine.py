@@ -596,13 +596,20 @@ def create_engine(
     return CompiledEngine(model, precision, device, dynamic=dynamic)
 
 
+@functools.cache
+def _code_fingerprint() -> bytes:
+    """A hash of the sources of this module and the model's (read once per process)."""
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], sys.modules[SegformerForSemanticSegmentation.__module__]):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.digest()
+
+
 def model_digest(model: nn.Module) -> str:
     """A short hash of a model's config and weights and of the code that builds its forward
     pass: the key of its cached exports (a new version of the engine must not load programs
     compiled from the old one)."""
-    digest = hashlib.sha256()
-    for module in (sys.modules[__name__], sys.modules[SegformerForSemanticSegmentation.__module__]):
-        digest.update(Path(module.__file__).read_bytes())
+    digest = hashlib.sha256(_code_fingerprint())
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_hf_dict"):
         digest.update(json.dumps(config.to_hf_dict(), sort_keys=True, default=str).encode())

@@ -411,23 +411,11 @@ class Segmenter:
         """Load a model (built-in name, checkpoint file, Hugging Face folder or hub id — anything
         ``segformer.load`` takes; ``None``: the package's built-in model) and wrap it. Other
         options go to ``Segmenter(...)`` (``batch_size``, ``max_pixels``, ``crop_size`` …)."""
-        from segformer.builtin import DEFAULT_MODEL, builtin_path
-        from segformer.checkpoints import load
+        from segformer.builtin import DEFAULT_MODEL
+        from segformer.checkpoints import load_segmentation_model
 
-        if name_or_path is None:
-            if builtin_path(DEFAULT_MODEL) is None:
-                raise CheckpointError(
-                    f"no model given, and the built-in model {DEFAULT_MODEL!r} is not installed in "
-                    "this package yet: name one (--model M on the command line, "
-                    "Segmenter.from_pretrained(M) in Python)"
-                )
-            name_or_path = DEFAULT_MODEL
-        model = load(name_or_path, revision=revision)
-        if not isinstance(model, SegformerForSemanticSegmentation):
-            raise CheckpointError(
-                f"{name_or_path}: an image-classification model; segmentation needs a segmentation model"
-            )
-        options.setdefault("name", str(name_or_path))
+        model = load_segmentation_model(name_or_path, revision=revision)
+        options.setdefault("name", str(name_or_path or DEFAULT_MODEL))
         return cls(model, device=device, precision=precision, backend=backend, mode=mode, **options)
 
     # -- describing ------------------------------------------------------------------------

@@ -219,9 +219,9 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                 stop = offset + target.shape[0]
                 band = _label_rows(upsampled, channels_last, offset, stop)
                 log_probabilities = band.log_softmax(dim=class_dim)
-                safe = torch.where(valid, target, 0).unsqueeze(class_dim)
-                pixel_weight = valid.float() if weight is None else weight[target * valid] * valid
-                pixel_weight = pixel_weight.unsqueeze(class_dim)
+                safe = torch.where(valid, target, 0)  # ignored pixels point at class 0, weight 0
+                pixel_weight = valid.float() if weight is None else weight[safe] * valid
+                safe, pixel_weight = safe.unsqueeze(class_dim), pixel_weight.unsqueeze(class_dim)
                 total -= (log_probabilities.gather(class_dim, safe) * pixel_weight).sum()
                 # d loss / d band = weight[y]·(softmax − one-hot(y)) at labelled pixels.
                 band_gradient = log_probabilities.exp_().mul_(pixel_weight)

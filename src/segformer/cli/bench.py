@@ -169,10 +169,9 @@ def _load(name: str | None):
     """The model to time and a source a subprocess can load it from again."""
     import tempfile
 
-    from segformer.builtin import DEFAULT_MODEL, builtin_path
-    from segformer.checkpoints import load, save
+    from segformer.builtin import DEFAULT_MODEL
+    from segformer.checkpoints import load_segmentation_model, save
     from segformer.config import VARIANTS, SegformerConfig
-    from segformer.errors import CheckpointError
     from segformer.model import SegformerForSemanticSegmentation
 
     if name is not None and name.lower() in VARIANTS:
@@ -182,18 +181,7 @@ def _load(name: str | None):
         folder = tempfile.mkdtemp(prefix=f"segformer-bench-{name}-")
         save(model, folder)
         return model, folder
-    if name is None:
-        if builtin_path(DEFAULT_MODEL) is None:
-            raise CheckpointError(
-                f"no model given and the built-in model {DEFAULT_MODEL!r} is not installed: name one (or b0…b5)"
-            )
-        name = DEFAULT_MODEL
-    model = load(name)
-    if not isinstance(model, SegformerForSemanticSegmentation):
-        raise CheckpointError(
-            f"{name}: an image-classification model; bench times segmentation models"
-        )
-    return model, name
+    return load_segmentation_model(name, purpose="bench"), name or DEFAULT_MODEL
 
 
 def _add_peak_rss(results: dict, source: str, size: tuple[int, int]) -> None:

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from segformer.cli.predict import add_mode_arguments, mode_from_args
-from segformer.errors import DataError, SegformerError
+from segformer.errors import DataError
 
 log = logging.getLogger("segformer")
 
@@ -91,26 +91,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    import segformer
     from segformer import reports
+    from segformer.builtin import DEFAULT_MODEL
+    from segformer.checkpoints import load_segmentation_model
     from segformer.data import open_dataset, read_labels_file, scan
     from segformer.metrics import evaluate_dataset
     from segformer.processing import ImageProcessor
     from segformer.train import setup_distributed
 
     process, device = setup_distributed(args.device)
-    model_name = args.model
-    if model_name is None:
-        from segformer.builtin import DEFAULT_MODEL, builtin_path
-
-        if builtin_path(DEFAULT_MODEL) is None:
-            raise SegformerError("no --model given and the built-in model is not installed yet")
-        model_name = DEFAULT_MODEL
-    model = segformer.load(model_name)
-    if model.task != "semantic-segmentation":
-        raise SegformerError(
-            f"{model_name}: an image-classification model cannot be evaluated on segmentation"
-        )
+    model = load_segmentation_model(args.model, purpose="evaluation")
+    model_name = args.model or DEFAULT_MODEL
     reduce = None if args.reduce_labels is None else args.reduce_labels == "yes"
     dataset = open_dataset(
         args.data,

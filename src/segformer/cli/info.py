@@ -35,25 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from segformer.builtin import DEFAULT_MODEL, builtin_path
-    from segformer.checkpoints import load
-    from segformer.errors import CheckpointError, SegformerError
-    from segformer.model import SegformerForSemanticSegmentation
+    from segformer.builtin import DEFAULT_MODEL
+    from segformer.checkpoints import load_segmentation_model
+    from segformer.errors import SegformerError
     from segformer.processing import ImageProcessor
     from segformer.segmenter import model_info
 
-    name = args.model
-    if name is None:
-        if builtin_path(DEFAULT_MODEL) is None:
-            raise CheckpointError(
-                f"no model given, and the built-in model {DEFAULT_MODEL!r} is not installed yet: name one"
-            )
-        name = DEFAULT_MODEL
-    model = load(name)
-    if not isinstance(model, SegformerForSemanticSegmentation):
-        raise CheckpointError(
-            f"{name}: an image-classification model; `segformer info` describes segmentation models"
-        )
+    model = load_segmentation_model(args.model, purpose="`segformer info`")
+    name = args.model or DEFAULT_MODEL
     processor = ImageProcessor.from_model(model)
     if args.size is not None:
         if min(args.size) < 1:
