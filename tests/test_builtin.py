@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,3 +43,34 @@ def test_builtin_model_segments_a_camvid_val_image():
     labels = segformer.Segmenter.from_pretrained()(image).labels
     labelled = truth != 11  # void
     assert (labels[labelled] == truth[labelled]).mean() >= 0.80
+
+
+@pytest.mark.shared
+def test_model_card_numbers_reproduce_with_segformer_eval(tmp_path):
+    """The card's command, run as a user would, gives the card's whole-image numbers."""
+    folder = builtin_path(DEFAULT_MODEL)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    command = "segformer eval --data ../shared/data/camvid --format camvid --split val --native"
+    assert command in card
+    arguments = command.replace("../shared/data/camvid", str(CAMVID)).split()[1:]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segformer.cli",
+            *arguments,
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    measured = json.loads((tmp_path / "metrics.json").read_text())
+    shipped = segformer.load(DEFAULT_MODEL).metadata["metrics"]
+    whole = shipped["whole"]
+    assert f"| whole | {whole['mIoU']:.2f} | {whole['mAcc']:.2f} | {whole['aAcc']:.2f} |" in card
+    for score in ("mIoU", "mAcc", "aAcc"):
+        assert measured[score] == pytest.approx(whole[score], abs=0.006)
+    for name, iou in shipped["per_class_IoU"].items():
+        assert measured["per_class"][name]["IoU"] == pytest.approx(iou, abs=0.006)

@@ -109,6 +109,31 @@ def test_warmup_poly_schedule_matches_hand_computed_values():
     assert squared(5) == pytest.approx(0.9 * 0.25 + 0.1)
 
 
+def test_warm_restarts_decay_each_cycle_to_min_lr():
+    # cycles [0, 40), [40, 70), [70, 100]; restarts jump to 0.5 × base
+    schedule = WarmupPolySchedule(base_lr=2.0, max_steps=100, restarts=(40, 70), restart_lr=0.5)
+    assert schedule(0) == 1.0
+    assert schedule(20) == pytest.approx(0.5)  # half-way down the first cycle
+    assert schedule(39) == pytest.approx(1 / 40)
+    assert schedule(40) == pytest.approx(0.5)
+    assert schedule(55) == pytest.approx(0.25)
+    assert schedule(70) == pytest.approx(0.5)
+    assert schedule(85) == pytest.approx(0.25)
+    assert schedule(100) == 0.0 and schedule(130) == 0.0
+    floor = WarmupPolySchedule(
+        base_lr=1.0, max_steps=20, restarts=(10,), restart_lr=0.6, min_lr=0.1
+    )
+    assert floor(10) == pytest.approx(0.6) and floor(15) == pytest.approx(0.35)
+
+
+@pytest.mark.parametrize(
+    "restarts, restart_lr", [([0], 0.5), ([50, 50], 0.5), ([100], 0.5), ([30, 20], 0.5), ([50], 0)]
+)
+def test_bad_restarts_are_refused(restarts, restart_lr):
+    with pytest.raises(SegformerError, match="restart"):
+        TrainConfig(max_steps=100, restarts=restarts, restart_lr=restart_lr)
+
+
 def test_optimizer_groups_head_lr_and_no_decay_on_norms_and_biases(tiny_model):
     groups = {
         g["name"]: g

@@ -77,7 +77,11 @@ class WarmupPolySchedule:
     """Learning-rate factor at optimizer step ``step`` for one parameter group: polynomial
     decay from the base rate to ``min_lr`` over ``max_steps``, multiplied during the first
     ``warmup_steps`` by a linear ramp from ``warmup_ratio`` to 1 (mmseg's poly + linear
-    warm-up). Used as a ``LambdaLR`` lambda, so its fields travel in the scheduler state."""
+    warm-up). With ``restarts``, the decay runs in cycles: at each restart step the rate jumps
+    back to ``restart_lr`` × the base rate and decays again, reaching ``min_lr`` at the next
+    restart or at ``max_steps`` (a warm restart lets a run that has converged at a low rate
+    leave that minimum and settle into a better one). Used as a ``LambdaLR`` lambda, so its
+    fields travel in the scheduler state."""
 
     base_lr: float
     max_steps: int
@@ -85,10 +89,20 @@ class WarmupPolySchedule:
     warmup_ratio: float = 1e-6
     power: float = 1.0
     min_lr: float = 0.0
+    restarts: tuple[int, ...] = ()
+    restart_lr: float = 0.5
 
     def __call__(self, step: int) -> float:
-        progress = min(step, self.max_steps) / self.max_steps
-        lr = (self.base_lr - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr
+        step = min(step, self.max_steps)
+        start, end, peak = 0, self.max_steps, self.base_lr
+        for restart in self.restarts:
+            if step >= restart:
+                start, peak = restart, self.restart_lr * self.base_lr
+            else:
+                end = restart
+                break
+        progress = (step - start) / (end - start)
+        lr = (peak - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr
         if step < self.warmup_steps:
             lr *= 1.0 - (1.0 - step / self.warmup_steps) * (1.0 - self.warmup_ratio)
         return lr / self.base_lr if self.base_lr else 0.0
@@ -104,6 +118,8 @@ def schedules(config: TrainConfig, optimizer: torch.optim.Optimizer) -> list[War
             config.warmup_ratio,
             config.poly_power,
             config.min_lr,
+            tuple(config.restarts),
+            config.restart_lr,
         )
         for group in optimizer.param_groups
     ]

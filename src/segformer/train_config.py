@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import os
 import tempfile
 import types
@@ -61,6 +62,8 @@ class TrainConfig:
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
     min_lr: float = 0.0
+    restarts: list[int] = field(default_factory=list)
+    restart_lr: float = 0.5
     clip_grad_norm: float | None = None
     class_weights: list[float] | str | None = None
     precision: str = "fp32"
@@ -119,6 +122,12 @@ class TrainConfig:
             "steps and sizes must be > 0",
         )
         need(self.warmup_steps >= 0 and 0 <= self.warmup_ratio <= 1, "bad warm-up settings")
+        cycle_bounds = [0, *self.restarts, self.max_steps]
+        need(
+            all(a < b for a, b in itertools.pairwise(cycle_bounds)),
+            "restarts must be increasing steps between 0 and max_steps",
+        )
+        need(0 < self.restart_lr <= 1, "restart_lr must be in (0, 1]")
         need(self.checkpoint_interval > 0 and self.log_interval > 0, "intervals must be > 0")
         need(
             self.eval_interval >= 0 and self.keep_checkpoints >= 1,
@@ -193,6 +202,9 @@ HELP: dict[str, str] = {
     "warmup_ratio": "learning rate at step 0, as a fraction of the scheduled rate",
     "poly_power": "power of the polynomial decay",
     "min_lr": "learning rate the decay ends at",
+    "restarts": "steps at which the rate restarts (warm restarts): each cycle decays to min_lr "
+    "by the next restart or max_steps",
+    "restart_lr": "rate a restart jumps back to, as a fraction of lr",
     "clip_grad_norm": "clip the gradient norm to this (none: no clipping)",
     "class_weights": "loss weight per class, or median-frequency / enet (computed from the training masks)",
     "precision": "fp32, bf16 (autocast; CPU or CUDA) or fp16 (CUDA, with loss scaling)",
