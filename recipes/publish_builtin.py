@@ -139,10 +139,12 @@ def model_card(
         for n, v in zip(whole.labels, whole.iou, strict=True)
     )
     scheduled = recipe.get("max_steps")
+    reached = max((r["step"] for r in history.get("train", [])), default=steps)
     status = (
-        f"\n**Status: an intermediate checkpoint** — step {steps} of the recipe's {scheduled}. "
-        "The run is resumable and this card is regenerated when it goes further.\n"
-        if isinstance(steps, int) and isinstance(scheduled, int) and steps < scheduled
+        f"\n**Status: an intermediate checkpoint** — the run is at step {reached} of the "
+        f"recipe's {scheduled}. It is resumable and this card is regenerated when it goes "
+        "further.\n"
+        if isinstance(reached, int) and isinstance(scheduled, int) and reached < scheduled
         else ""
     )
     best = max(history.get("val", []), key=lambda r: r["mIoU"], default=None)
@@ -183,10 +185,11 @@ never used: it is held back to judge this model.
 - Recipe: `recipes/camvid-b0.yaml` — random resize 0.5–2.0 of each image's own size,
   random {recipe.get("crop_size", "?")} crops (at most 75 % one class), flip, photometric
   distortion; AdamW lr {recipe.get("lr", "?")}, weight decay {recipe.get("weight_decay", "?")},
-  linear warm-up then polynomial decay, ENet class weights, gradient clipping, bf16 autocast.
+  linear warm-up then linear decay in two cycles (a warm restart at step 7200), ENet class
+  weights, gradient clipping, bf16 autocast.
 - Command: `segformer train recipes/camvid-b0.yaml` (resume with `segformer train --resume runs/camvid-b0`),
   then `python recipes/publish_builtin.py runs/camvid-b0`.
-- Steps: {steps} of batch {recipe.get("batch_size", "?")}.
+- Steps: {steps} of batch {recipe.get("batch_size", "?")} (of {reached} trained).
 - Hardware: {cpu_model()}, 2 cores, no GPU (torch {torch.__version__}).
 - Wall time: {wall_time or "see the run log"}.
 
