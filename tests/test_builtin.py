@@ -12,6 +12,7 @@ from PIL import Image
 
 import segformer
 from segformer.builtin import DEFAULT_MODEL, builtin_path
+from segformer.cli import main
 from tests.conftest import CAMVID
 
 CAMVID_CLASSES = [
@@ -31,9 +32,14 @@ def test_builtin_weights_ship_and_load():
     assert model.metadata["metrics"]["whole"]["mIoU"] > 0
 
 
-def test_builtin_model_is_the_default():
+def test_builtin_model_is_the_default(capsys):
     segmenter = segformer.Segmenter.from_pretrained()
     assert segmenter.labels == CAMVID_CLASSES
+    assert main(["info"]) == 0  # describes the built-in model, scores included
+    text = capsys.readouterr().out
+    whole = segformer.load(DEFAULT_MODEL).metadata["metrics"]["whole"]
+    assert text.startswith("model       camvid-b0")
+    assert f"whole: mIoU {whole['mIoU']:.2f}  mAcc {whole['mAcc']:.2f}" in text
 
 
 @pytest.mark.shared

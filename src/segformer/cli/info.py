@@ -112,6 +112,29 @@ def format_info(info: dict[str, Any]) -> str:
         ("licence", info.get("license") or "not stated"),
     ]
     if info.get("metrics"):
-        rows.append(("metrics", json.dumps(info["metrics"])))
+        rows.append(("metrics", _metrics_text(info["metrics"])))
     width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+    # A value of several lines continues under the first one.
+    return "\n".join(
+        f"{key:<{width}}  " + value.replace("\n", "\n" + " " * (width + 2)) for key, value in rows
+    )
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    """Metadata metrics as lines: what they were measured on, then one line per group of
+    scores (e.g. one per inference mode, and the per-class IoU)."""
+    head, lines = [], []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            separator = ", " if len(value) > 3 else "  "
+            shown = separator.join(f"{k} {_number(v)}" for k, v in value.items())
+            lines.append(f"{name.replace('_', ' ')}: {shown}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            head.append(f"{name} {_number(value)}")
+        else:
+            head.append(str(value))
+    return "\n".join([" ".join(head), *lines] if head else lines)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else "n/a" if value is None else str(value)
