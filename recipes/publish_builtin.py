@@ -79,7 +79,6 @@ def main() -> None:
         {
             "name": "camvid-b0",
             "license": "Apache-2.0 (weights trained by the segformer project); data: CamVid research terms",
-            "source": "trained from scratch by the segformer project (recipes/camvid-b0.yaml)",
             "dataset": "CamVid 11 classes, train split (367 images); selected on val (101 images)",
             "metrics": {
                 "dataset": "camvid:val",
