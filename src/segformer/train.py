@@ -21,7 +21,9 @@ nccl on GPU), validation sums the processes' confusion matrices, and only rank 0
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import fnmatch
 import logging
 import math
 import os
@@ -44,6 +46,7 @@ from segformer import reports
 from segformer.config import VARIANTS, SegformerConfig
 from segformer.data import (
     AugmentedDataset,
+    HFSegmentationDataset,
     SegmentationDataset,
     eval_loader,
     open_dataset,
@@ -406,15 +409,37 @@ def is_variant(name: str) -> bool:
     return name.lower().removeprefix("mit-").removeprefix("mit_") in VARIANTS
 
 
-def open_split(config: TrainConfig, split: str) -> SegmentationDataset:
-    return open_dataset(
-        config.data,
-        config.format,
-        split,
-        reduce_labels=config.reduce_labels,
-        image_column=config.image_column,
-        mask_column=config.mask_column,
-    )
+def open_split(
+    config: TrainConfig, split: str, include: list[str] = (), exclude: list[str] = ()
+) -> SegmentationDataset:
+    """Split ``split`` of the run's data; ``a+b`` joins splits (train+val), and file-name
+    patterns keep (``include``) or drop (``exclude``) images, so that, e.g., one whole
+    recording can be held out for validation."""
+    parts = [
+        open_dataset(
+            config.data,
+            config.format,
+            name,
+            reduce_labels=config.reduce_labels,
+            image_column=config.image_column,
+            mask_column=config.mask_column,
+        )
+        for name in split.split("+")
+    ]
+    dataset = parts[0]
+    if len(parts) == 1 and not include and not exclude:
+        return dataset
+    if any(isinstance(part, HFSegmentationDataset) for part in parts):
+        raise SegformerError("joining splits or filtering files needs a file-based format")
+    pairs = [pair for part in parts for pair in part.pairs]
+    if include:
+        pairs = [p for p in pairs if any(fnmatch.fnmatch(p[0].name, g) for g in include)]
+    pairs = [p for p in pairs if not any(fnmatch.fnmatch(p[0].name, g) for g in exclude)]
+    if not pairs:
+        raise DataError(f"{config.data} [{split}]: no images left after the file-name filters")
+    name = f"{config.data} [{split}" + (f" {' '.join(include)}" if include else "")
+    name += (f" without {' '.join(exclude)}" if exclude else "") + "]"
+    return dataclasses.replace(dataset, name=name, pairs=pairs)
 
 
 def resolve_labels(
@@ -544,6 +569,39 @@ class BatchStream:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
 
+class WeightAverage:
+    """An exponential moving average of a model's parameters (Polyak averaging, as in timm's
+    ModelEmaV2). The decay ramps up as ``(1 + n) / (10 + n)`` over the first updates so the
+    average is not anchored to the random initialisation; buffers (BatchNorm statistics) are
+    copied from the trained model, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged = [p for p in self.model.parameters()]
+        current = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {"weights": weights, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["weights"])
+        self.updates = int(state["updates"])
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -604,8 +662,12 @@ def train(
         remove_partial_checkpoints(checkpoint_dir)
 
     # -- data ---------------------------------------------------------------------------------
-    train_set = open_split(config, config.train_split)
-    val_set = open_split(config, config.val_split) if config.val_split else None
+    train_set = open_split(config, config.train_split, exclude=config.train_exclude)
+    val_set = (
+        open_split(config, config.val_split, include=config.val_include)
+        if config.val_split
+        else None
+    )
     if checkpoint is not None:
         labels, palette = list(checkpoint["labels"]), checkpoint.get("palette")
     else:
@@ -640,6 +702,7 @@ def train(
         cat_max_ratio=config.cat_max_ratio,
         flip_prob=config.flip_prob,
         photometric=config.photometric,
+        lighting=config.lighting,
     )
     loader, sampler = train_loader(
         AugmentedDataset(train_set, transform, config.seed),
@@ -666,6 +729,12 @@ def train(
         model = build_model(config, labels)
     model.metadata = _export_metadata(config, palette, None, 0)
     model.to(device).train()
+    # The averaged weights are what validation sees and what is exported; the optimiser
+    # trains ``model``.
+    ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+    if ema is not None and checkpoint is not None and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
+    evaluated = ema.model if ema is not None else model
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
         lr=config.lr,
@@ -728,9 +797,11 @@ def train(
         from segformer.segmenter import Segmenter
 
         _sync_buffers(model, process)
+        if ema is not None:
+            ema.copy_buffers(model)
         # Exactly the prediction path: the processor and inference mode the exported model keeps.
         segmenter = Segmenter(
-            model,
+            evaluated,
             image_processor(config),
             device=str(device),
             backend="auto",
@@ -739,6 +810,8 @@ def train(
         )
         metrics = evaluate(segmenter, val_loader, labels)
         model.train()
+        if ema is not None:
+            ema.model.eval()
         summary = metrics.summary()
         history["val"].append({"step": step, **summary})
         if best["mIoU"] is None or summary["mIoU"] > best["mIoU"]:
@@ -771,6 +844,7 @@ def train(
             "version": CHECKPOINT_VERSION,
             "step": step,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            **({"ema": ema.state_dict()} if ema is not None else {}),
             "model_config": model.config.to_hf_dict(),
             "labels": labels,
             "palette": palette,
@@ -796,8 +870,10 @@ def train(
     def export(folder: str, metrics: SegmentationMetrics | None) -> None:
         import segformer
 
-        model.metadata = _export_metadata(config, palette, metrics, step)
-        segformer.save(model, run_dir / folder)
+        if ema is not None:
+            ema.copy_buffers(model)
+        evaluated.metadata = _export_metadata(config, palette, metrics, step)
+        segformer.save(evaluated, run_dir / folder)
 
     # -- the loop ---------------------------------------------------------------------------
     images_per_step = config.batch_size * config.grad_accum_steps * process.world_size
@@ -829,6 +905,8 @@ def train(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
         step += 1
         progress.update(1)
 

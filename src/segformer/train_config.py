@@ -36,6 +36,8 @@ class TrainConfig:
     format: str = "folder"
     train_split: str = "train"
     val_split: str | None = "val"
+    train_exclude: list[str] = field(default_factory=list)
+    val_include: list[str] = field(default_factory=list)
     labels: str | None = None
     reduce_labels: bool | None = None
     image_column: str | None = None
@@ -50,6 +52,7 @@ class TrainConfig:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
+    lighting: bool = False
     # optimisation
     max_steps: int = 160_000
     batch_size: int = 8
@@ -65,6 +68,7 @@ class TrainConfig:
     restarts: list[int] = field(default_factory=list)
     restart_lr: float = 0.5
     clip_grad_norm: float | None = None
+    ema_decay: float | None = None
     class_weights: list[float] | str | None = None
     precision: str = "fp32"
     device: str = "auto"
@@ -128,6 +132,10 @@ class TrainConfig:
             "restarts must be increasing steps between 0 and max_steps",
         )
         need(0 < self.restart_lr <= 1, "restart_lr must be in (0, 1]")
+        need(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            "ema_decay must be between 0 and 1 (or none)",
+        )
         need(self.checkpoint_interval > 0 and self.log_interval > 0, "intervals must be > 0")
         need(
             self.eval_interval >= 0 and self.keep_checkpoints >= 1,
@@ -177,7 +185,9 @@ HELP: dict[str, str] = {
     "data": "dataset folder (or list file)",
     "format": f"dataset format: {', '.join(DATASET_FORMATS)}",
     "train_split": "split to train on",
-    "val_split": "split to validate on (none: no validation)",
+    "val_split": "split to validate on (none: no validation); splits join with + (train+val)",
+    "train_exclude": "file-name patterns (fnmatch) of training images to leave out, e.g. 0006R0_*",
+    "val_include": "file-name patterns of the validation images to keep (empty: all)",
     "labels": "JSON file with class names (and palette); default: the format's, else the starting model's",
     "reduce_labels": "map 0 → ignore and k → k−1 (default: on for ade20k only)",
     "image_column": "hf format: the image column (default: auto-detected)",
@@ -191,6 +201,7 @@ HELP: dict[str, str] = {
     "cat_max_ratio": "redraw crops where one class covers more than this share of labelled pixels",
     "flip_prob": "horizontal flip probability",
     "photometric": "photometric distortion: brightness, contrast, saturation, hue",
+    "lighting": "lighting changes for dusk and overcast scenes: gamma 0.5–2 and colour temperature",
     "max_steps": "optimizer steps",
     "batch_size": "images per process per forward pass",
     "grad_accum_steps": "forward passes accumulated into each optimizer step",
@@ -206,6 +217,8 @@ HELP: dict[str, str] = {
     "by the next restart or max_steps",
     "restart_lr": "rate a restart jumps back to, as a fraction of lr",
     "clip_grad_norm": "clip the gradient norm to this (none: no clipping)",
+    "ema_decay": "keep an exponential moving average of the weights with this decay; validate, "
+    "select and export the averaged weights (none: off)",
     "class_weights": "loss weight per class, or median-frequency / enet (computed from the training masks)",
     "precision": "fp32, bf16 (autocast; CPU or CUDA) or fp16 (CUDA, with loss scaling)",
     "device": "auto, cpu, cuda, cuda:N",
@@ -310,7 +323,7 @@ def coerce(name: str, value: Any) -> Any:
 def _convert(value: Any, kind: Any) -> Any:
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             return None

@@ -6,6 +6,7 @@ configs run it), on numpy arrays.
       └─ random_crop        crop size; retried until no class covers > cat_max_ratio of it
       └─ random_hflip       p = 0.5
       └─ photometric        brightness, contrast, saturation, hue, each with p = 0.5
+      └─ lighting           (optional) gamma and colour temperature, each with p = 0.5
       └─ normalize          (x − mean) / std, to float32 (3, H, W)
       └─ pad                to the crop size: image with 0, label with the ignore index
 
@@ -184,6 +185,26 @@ def photometric_distortion(
     return x
 
 
+def lighting_change(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    gamma_range: tuple[float, float] = (0.5, 2.0),
+    temperature_shift: float = 0.15,
+) -> np.ndarray:
+    """Light that the paper's distortion does not reach: dusk and overcast frames are darker
+    in the mid-tones (a gamma curve, not a uniform shift) and warmer or bluer (red and blue
+    gains moved in opposite directions). Each with probability 0.5; gamma is drawn
+    log-uniformly so brightening and darkening are equally likely. 0–255 in and out."""
+    x = np.asarray(image, dtype=np.float32)
+    if rng.integers(2):
+        gamma = float(np.exp(rng.uniform(np.log(gamma_range[0]), np.log(gamma_range[1]))))
+        x = 255.0 * np.power(x / 255.0, gamma)
+    if rng.integers(2):
+        t = rng.uniform(-temperature_shift, temperature_shift)
+        x = np.clip(x * np.asarray([1.0 + t, 1.0, 1.0 - t], np.float32), 0, 255)
+    return x
+
+
 def normalize(
     image: np.ndarray,
     mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -208,6 +229,7 @@ class TrainTransform:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
+    lighting: bool = False
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     ignore_index: int = IGNORE_INDEX
@@ -221,6 +243,8 @@ class TrainTransform:
         )
         image, label = random_hflip(image, label, rng, self.flip_prob)
         pixels = photometric_distortion(image, rng) if self.photometric else image
+        if self.lighting:
+            pixels = lighting_change(pixels, rng)
         pixels, label = pad(
             normalize(pixels, self.mean, self.std), label, self.crop_size, self.ignore_index
         )
