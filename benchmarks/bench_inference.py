@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from segformer.allocator import use_fast_allocator
+from segformer.tools.allocator import use_fast_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SEGFORMER_SHARED", REPO.parent / "shared"))
@@ -66,8 +66,8 @@ def photo_640x480(folder: Path) -> Path:
 
 def markdown(results: dict) -> str:
     """The tables README.md shows."""
-    from segformer import bench
-    from segformer.bench import floors_ms
+    from segformer.tools import bench
+    from segformer.tools.bench import floors_ms
 
     machine = results["machine"]
     lines = [
@@ -163,12 +163,12 @@ def main() -> int:
 
     import torch
 
-    from segformer import bench
-    from segformer.checkpoints import load
-    from segformer.config import SegformerConfig
-    from segformer.engine import create_engine
-    from segformer.model import SegformerForSemanticSegmentation
-    from segformer.processing import ImageProcessor, read_image
+    from segformer.inference.engine import create_engine
+    from segformer.inference.processing import ImageProcessor, read_image
+    from segformer.models.config import SegformerConfig
+    from segformer.models.segformer import SegformerForSemanticSegmentation
+    from segformer.tools import bench
+    from segformer.weights.checkpoints import load
 
     if not WEIGHTS.is_dir():
         print(f"needs the real weights at {WEIGHTS}", file=sys.stderr)
@@ -301,6 +301,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     # The allocator the command line uses (tcmalloc or tuned glibc), in place before torch
-    # loads: this re-executes the script once (see segformer.allocator).
+    # loads: this re-executes the script once (see segformer.tools.allocator).
     use_fast_allocator(sys.argv[1:], script=True)
     raise SystemExit(main())

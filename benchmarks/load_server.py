@@ -186,7 +186,7 @@ def _run(
         rss_idle = peak_rss_mb(server.pid)
         form = {"include": args.include.split(",")}
         results = run_clients(url, image, args.clients, args.seconds, form)
-        from segformer.bench import cpu_model  # after the run: it loads torch
+        from segformer.tools.bench import cpu_model  # after the run: it loads torch
 
         results.update(
             {

@@ -2,7 +2,7 @@
 doing the same training step, side by side in one run.
 
 One step = forward on a batch of 512×512 crops, the loss (logits upsampled to the labels,
-cross-entropy over non-ignored pixels, each library's own: ``segformer.train.segmentation_loss``
+cross-entropy over non-ignored pixels, each library's own: ``segformer.training.loop.segmentation_loss``
 for ours, ``labels=`` in transformers' forward), backward, and an AdamW step. Both models start from the same weights (ours saved and loaded by
 transformers, checked to give the same logits) in train mode (dropout, stochastic depth).
 
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from segformer.allocator import allocator_in_use, use_fast_allocator
+from segformer.tools.allocator import allocator_in_use, use_fast_allocator
 
 MODELS = ("ours", "transformers")
 
@@ -38,9 +38,9 @@ def build(kind: str, labels: int) -> tuple[Any, Callable]:
     import torch
 
     import segformer
-    from segformer.config import SegformerConfig
-    from segformer.model import SegformerForSemanticSegmentation
-    from segformer.train import segmentation_loss
+    from segformer.models.config import SegformerConfig
+    from segformer.models.segformer import SegformerForSemanticSegmentation
+    from segformer.training.loop import segmentation_loss
 
     torch.manual_seed(0)
     ours = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=labels))
@@ -68,7 +68,7 @@ def make_step(kind: str, precision: str, labels: int, batch: int, size: int) -> 
     """A function that runs one training step and returns its wall time."""
     import torch
 
-    from segformer.train import autocast
+    from segformer.training.loop import autocast
 
     model, loss_of = build(kind, labels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
@@ -144,7 +144,7 @@ def main() -> None:
         for _ in range(args.warmup + 2):
             step()
         # VmHWM, not ru_maxrss: the latter keeps the parent's resident size from before exec.
-        from segformer.bench import peak_rss_mb
+        from segformer.tools.bench import peak_rss_mb
 
         print(peak_rss_mb())
         return
@@ -216,6 +216,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     # The allocator the command line uses (tcmalloc or tuned glibc), in place before torch
-    # loads: this re-executes the script once (see segformer.allocator).
+    # loads: this re-executes the script once (see segformer.tools.allocator).
     use_fast_allocator(sys.argv[1:], script=True)
     main()

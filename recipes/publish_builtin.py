@@ -4,7 +4,7 @@
 
 Evaluates the run's best checkpoint on CamVid val with the library's own evaluation (whole
 image at 480×360; then flip; then multi-scale + flip), writes the weights, config and
-preprocessing into src/segformer/builtin/camvid-b0/ with the metrics in the model's metadata,
+preprocessing into src/segformer/weights/builtin/camvid-b0/ with the metrics in the model's metadata,
 copies the training curves, and writes the model card (README.md) from those numbers.
 """
 
@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 import segformer
-from segformer import reports
-from segformer.bench import cpu_model
-from segformer.data import open_dataset
-from segformer.inference import InferenceMode
-from segformer.metrics import evaluate_dataset
-from segformer.processing import ImageProcessor
+from segformer.inference.modes import InferenceMode
+from segformer.inference.processing import ImageProcessor
+from segformer.tools.bench import cpu_model
+from segformer.training import reports
+from segformer.training.datasets import open_dataset
+from segformer.training.metrics import evaluate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "src" / "segformer" / "builtin" / "camvid-b0"
@@ -117,7 +117,7 @@ def read_history(run: Path) -> dict:
     carried by its newest checkpoint (so a run still going can be published)."""
     if (run / "history.json").is_file():
         return json.loads((run / "history.json").read_text())
-    from segformer.train import list_checkpoints, load_checkpoint
+    from segformer.training.loop import list_checkpoints, load_checkpoint
 
     checkpoints = list_checkpoints(run / "checkpoints")
     return load_checkpoint(checkpoints[-1][1])["history"] if checkpoints else {}

@@ -37,7 +37,7 @@ def _deterministic_torch():
 @pytest.fixture
 def tiny_config():
     """A B0-shaped but very narrow SegFormer: fast to build and run in tests."""
-    from segformer.config import SegformerConfig
+    from segformer.models.config import SegformerConfig
 
     return SegformerConfig(
         hidden_sizes=[8, 16, 24, 32],
@@ -50,7 +50,7 @@ def tiny_config():
 
 @pytest.fixture
 def tiny_model(tiny_config):
-    from segformer.model import SegformerForSemanticSegmentation
+    from segformer.models.segformer import SegformerForSemanticSegmentation
 
     model = SegformerForSemanticSegmentation(tiny_config).eval()
     # A trained classifier separates classes; the near-zero init of a fresh one leaves near

@@ -1,4 +1,4 @@
-"""The allocator choice made before torch starts (segformer.allocator)."""
+"""The allocator choice made before torch starts (segformer.tools.allocator)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from segformer import allocator
+from segformer.tools import allocator
 
 FAKE_TCMALLOC = "/opt/lib/libtcmalloc_minimal.so.4"
 
@@ -57,7 +57,7 @@ def _run_script(tmp_path: Path, choice: str) -> list[str]:
     script = tmp_path / "job.py"
     script.write_text(
         "import os, sys\n"
-        "from segformer.allocator import allocator_in_use, use_fast_allocator\n"
+        "from segformer.tools.allocator import allocator_in_use, use_fast_allocator\n"
         "use_fast_allocator(sys.argv[1:], script=True)\n"
         "print(allocator_in_use()); print(sys.argv[1:]); print(os.environ.get('SEGFORMER_ALLOCATOR_SET'))\n"
     )

@@ -10,9 +10,9 @@ import torch
 import transformers
 
 import segformer
-from segformer import bench
 from segformer.cli import main
-from segformer.inference import count_macs
+from segformer.inference.modes import count_macs
+from segformer.tools import bench
 
 
 @pytest.fixture(scope="module")

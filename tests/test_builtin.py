@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import segformer
-from segformer.builtin import DEFAULT_MODEL, builtin_path
 from segformer.cli import main
+from segformer.weights.builtin import DEFAULT_MODEL, builtin_path
 from tests.conftest import CAMVID
 
 CAMVID_CLASSES = [

@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import segformer
-from segformer.checkpoints import detect_format
-from segformer.config import NVLABS_LAYER_NORM_EPS
 from segformer.errors import CheckpointError
+from segformer.models.config import NVLABS_LAYER_NORM_EPS
+from segformer.weights.checkpoints import detect_format
 from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
 from tests.test_model import randomize, rel
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segformer.checkpoints import save
 from segformer.cli import main
-from segformer.config import SegformerConfig
-from segformer.model import SegformerForSemanticSegmentation
-from segformer.processing import ImageProcessor
-from segformer.segmenter import Segmenter
+from segformer.inference.processing import ImageProcessor
+from segformer.inference.segmenter import Segmenter
+from segformer.models.config import SegformerConfig
+from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.weights.checkpoints import save
 from tests.test_video import write_clip
 
 

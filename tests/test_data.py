@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from segformer.data import (
+from segformer.errors import DataError
+from segformer.training.config import DATASET_FORMATS
+from segformer.training.datasets import (
     CITYSCAPES_TRAIN_IDS,
     FORMATS,
     AugmentedDataset,
@@ -21,8 +23,6 @@ from segformer.data import (
     scan,
     train_loader,
 )
-from segformer.errors import DataError
-from segformer.train_config import DATASET_FORMATS
 from tests.conftest import CAMVID, CITYSCAPES_SAMPLE
 from tests.segdata import make_samples, save_png, write_ade20k, write_camvid, write_folder
 

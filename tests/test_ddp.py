@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 
 import segformer
-from segformer.data import open_dataset
-from segformer.metrics import evaluate_dataset
-from segformer.model import SegformerForSemanticSegmentation
-from segformer.train import TrainConfig, load_checkpoint
+from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.training.datasets import open_dataset
+from segformer.training.loop import TrainConfig, load_checkpoint
+from segformer.training.metrics import evaluate_dataset
 from tests.conftest import REPO
 from tests.segdata import make_samples, write_folder
 
 
 @pytest.mark.slow
 def test_two_processes_validate_exactly_like_one(tmp_path):
-    from segformer.config import SegformerConfig
+    from segformer.models.config import SegformerConfig
 
     write_folder(tmp_path / "data", make_samples(8, seed=1), "train")
     write_folder(

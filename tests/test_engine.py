@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import transformers
 
 import segformer
-from segformer.engine import (
+from segformer.errors import CheckpointError, SegformerError
+from segformer.inference.engine import (
     BACKENDS,
     CompiledEngine,
     FastSegformer,
@@ -18,7 +19,6 @@ from segformer.engine import (
     default_backend,
     labels_from_logits,
 )
-from segformer.errors import CheckpointError, SegformerError
 from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
 
 
@@ -274,7 +274,7 @@ def test_labels_bad_input():
 def test_real_weights_fast_engine_and_labels():
     """The real Cityscapes B0 on a real street photo: the fast engine within 1e-5 of
     transformers, and full-resolution labels identical to upsample-then-argmax."""
-    from segformer.processing import ImageProcessor, read_image
+    from segformer.inference.processing import ImageProcessor, read_image
 
     model = segformer.load(CITYSCAPES_B0)
     reference = transformers.SegformerForSemanticSegmentation.from_pretrained(CITYSCAPES_B0).eval()

@@ -13,8 +13,8 @@ import transformers
 import segformer
 from segformer.cli import main
 from segformer.errors import SegformerError
-from segformer.export import CHECK_TOLERANCE, export_onnx, read_metadata
-from segformer.processing import ImageProcessor
+from segformer.inference.export import CHECK_TOLERANCE, export_onnx, read_metadata
+from segformer.inference.processing import ImageProcessor
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -102,7 +102,7 @@ def reuse_export(exported, monkeypatch):
     once: later tests copy that graph instead, and exercise everything around it for real."""
     import shutil
 
-    import segformer.export as export_module
+    import segformer.inference.export as export_module
 
     def copy(module, sample, path, opset):
         shutil.copyfile(exported[3], path)
@@ -112,7 +112,7 @@ def reuse_export(exported, monkeypatch):
 
 def test_failed_check_leaves_nothing(exported, reuse_export, tmp_path, monkeypatch):
     _, model, _, _, _ = exported
-    import segformer.export as export_module
+    import segformer.inference.export as export_module
 
     def broken(path, model, size, batch=1):
         return {"shape": [batch, 3, *size], "relative_error": 0.5}

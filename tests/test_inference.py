@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer.config import SegformerConfig
 from segformer.errors import SegformerError
-from segformer.inference import (
+from segformer.inference.modes import (
     InferenceMode,
     count_macs,
     predict_labels,
@@ -17,7 +16,8 @@ from segformer.inference import (
     predict_logits,
     sliding_windows,
 )
-from segformer.model import SegformerForSemanticSegmentation
+from segformer.models.config import SegformerConfig
+from segformer.models.segformer import SegformerForSemanticSegmentation
 
 
 def test_windows_are_placed_as_mmsegmentation_places_them():

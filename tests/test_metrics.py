@@ -19,8 +19,8 @@ from torchmetrics.classification import (
 )
 
 import segformer
-from segformer.data import open_dataset
-from segformer.metrics import ConfusionMatrix, SegmentationMetrics, evaluate_dataset
+from segformer.training.datasets import open_dataset
+from segformer.training.metrics import ConfusionMatrix, SegmentationMetrics, evaluate_dataset
 from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE, REPO
 from tests.segdata import make_samples, write_camvid, write_folder
 
@@ -96,7 +96,7 @@ def test_hand_computed_values_and_the_absent_class_convention():
 
 
 def test_evaluation_scores_exactly_what_prediction_predicts(tmp_path, tiny_model):
-    from segformer.segmenter import Segmenter
+    from segformer.inference.segmenter import Segmenter
 
     write_folder(tmp_path, make_samples(5, size=(48, 80)), "val")
     dataset = open_dataset(tmp_path, "folder", "val")
@@ -122,7 +122,7 @@ def test_metrics_round_trip_through_their_json(tmp_path):
     counter = ConfusionMatrix(5)
     counter.update(prediction, target)
     metrics = counter.compute()
-    from segformer.reports import write_metrics_report
+    from segformer.training.reports import write_metrics_report
 
     written = write_metrics_report(metrics, tmp_path, {"model": "m"})
     data = json.loads(written["metrics"].read_text())
@@ -191,8 +191,8 @@ def test_eval_cli_on_real_cityscapes_b0_agrees_with_transformers_and_torchmetric
 
 
 def _saved_small_model(tmp_path):
-    from segformer.config import SegformerConfig
-    from segformer.model import SegformerForSemanticSegmentation
+    from segformer.models.config import SegformerConfig
+    from segformer.models.segformer import SegformerForSemanticSegmentation
 
     config = SegformerConfig(
         hidden_sizes=[8, 16, 40, 64],
@@ -206,7 +206,7 @@ def _saved_small_model(tmp_path):
 
 def test_eval_command_with_test_time_augmentation_writes_the_report(tmp_path, capsys):
     from segformer.cli import main
-    from segformer.inference import InferenceMode
+    from segformer.inference.modes import InferenceMode
 
     write_folder(tmp_path / "data", make_samples(3, size=(48, 64)), "val")
     model_dir = _saved_small_model(tmp_path)
@@ -235,7 +235,7 @@ def test_eval_command_with_test_time_augmentation_writes_the_report(tmp_path, ca
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["mode"] == "whole, scales 0.75, 1, flip" and report["images"] == 3
     model = segformer.load(model_dir)
-    from segformer.processing import ImageProcessor
+    from segformer.inference.processing import ImageProcessor
 
     expected = evaluate_dataset(
         model,

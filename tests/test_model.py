@@ -10,8 +10,11 @@ import torch
 import transformers
 
 import segformer
-from segformer.config import VARIANTS, SegformerConfig
-from segformer.model import SegformerForImageClassification, SegformerForSemanticSegmentation
+from segformer.models.config import VARIANTS, SegformerConfig
+from segformer.models.segformer import (
+    SegformerForImageClassification,
+    SegformerForSemanticSegmentation,
+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -170,7 +173,7 @@ def _reference_attention(q, k, v):
 
 
 def test_explicit_and_fused_attention_agree_with_the_formula_and_in_gradients():
-    from segformer.model import attend
+    from segformer.models.segformer import attend
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 50, 16, requires_grad=True) for _ in range(3))
@@ -185,7 +188,7 @@ def test_explicit_and_fused_attention_agree_with_the_formula_and_in_gradients():
 
 
 def test_attention_runs_explicit_only_for_small_half_precision_cpu_inputs(monkeypatch):
-    from segformer import model as model_module
+    from segformer.models import segformer as model_module
 
     calls = []
     fused = torch.nn.functional.scaled_dot_product_attention

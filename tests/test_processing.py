@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import SegformerImageProcessorPil
 
 from segformer.errors import CheckpointError, ImageError
-from segformer.processing import ImageProcessor, read_image, read_mask
+from segformer.inference.processing import ImageProcessor, read_image, read_mask
 from tests.conftest import ADE20K_SAMPLE
 
 

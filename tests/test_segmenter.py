@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import segformer
-from segformer.checkpoints import save
-from segformer.config import SegformerConfig
 from segformer.errors import CheckpointError, ImageError
-from segformer.model import SegformerForSemanticSegmentation
-from segformer.processing import ImageProcessor
-from segformer.segmenter import SegmentationResult, Segmenter, atomic_path, write_atomic
+from segformer.inference.processing import ImageProcessor
+from segformer.inference.segmenter import SegmentationResult, Segmenter, atomic_path, write_atomic
+from segformer.models.config import SegformerConfig
+from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.weights.checkpoints import save
 from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
 
 
@@ -245,15 +245,15 @@ def test_too_small_for_slide_is_a_clear_error(tiny_model):
 
 
 def test_from_pretrained_without_a_model_names_the_option(monkeypatch):
-    import segformer.builtin
+    import segformer.weights.builtin
 
-    monkeypatch.setattr(segformer.builtin, "builtin_path", lambda name: None)
+    monkeypatch.setattr(segformer.weights.builtin, "builtin_path", lambda name: None)
     with pytest.raises(CheckpointError, match="--model"):
         Segmenter.from_pretrained()
 
 
 def test_classification_models_are_refused(tiny_config):
-    from segformer.model import SegformerForImageClassification
+    from segformer.models.segformer import SegformerForImageClassification
 
     with pytest.raises(CheckpointError, match="segmentation"):
         Segmenter(SegformerForImageClassification(tiny_config))

@@ -43,8 +43,8 @@ LABELS = {0: "background", 1: "thing", 2: "stuff"}
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny segmentation model in Hugging Face layout, with a small input size so that
     inference takes milliseconds. Heads [1, 2, 5, 8] as every published MiT has them."""
-    from segformer.config import SegformerConfig
-    from segformer.model import SegformerForSemanticSegmentation
+    from segformer.models.config import SegformerConfig
+    from segformer.models.segformer import SegformerForSemanticSegmentation
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         id2label=LABELS,
     )
     model = SegformerForSemanticSegmentation(config).eval()
-    from segformer.processing import ImageProcessor
+    from segformer.inference.processing import ImageProcessor
 
     model.metadata = {
         "preprocessing": ImageProcessor(size=(64, 64)).to_dict(),
@@ -198,7 +198,7 @@ def assert_one_line_error(response, status: int) -> str:
 # Images
 # ---------------------------------------------------------------------------------------
 def test_segment_inline_matches_the_library(client: TestClient, model_dir: Path) -> None:
-    from segformer.segmenter import Segmenter
+    from segformer.inference.segmenter import Segmenter
 
     data = png_bytes()
     response = segment(client, data, include=["label_map", "overlay", "colored"], opacity="0.4")
@@ -398,7 +398,7 @@ def test_slow_request_is_504_and_keeps_its_slot_until_done(
 # Models, health, page, bench
 # ---------------------------------------------------------------------------------------
 def test_models_and_lazy_loading(model_dir: Path, tmp_path: Path) -> None:
-    from segformer.checkpoints import load
+    from segformer.weights.checkpoints import load
 
     with client_for(model_dir, tmp_path, models=[f"tiny={model_dir}", str(model_dir)]) as client:
         listing = client.get("/v1/models").json()

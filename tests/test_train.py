@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import segformer
 from segformer.errors import SegformerError
-from segformer.train import (
+from segformer.training.config import HELP, read_config_file
+from segformer.training.loop import (
     TrainConfig,
     TrainingDiverged,
     WarmupPolySchedule,
@@ -28,7 +29,6 @@ from segformer.train import (
     segmentation_loss,
     train,
 )
-from segformer.train_config import HELP, read_config_file
 from tests.segdata import make_samples, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def dataset_root(tmp_path_factory) -> Path:
 def small_config():
     """A narrow model whose widths suit the published head counts [1, 2, 5, 8], so that files
     saved from it load through every path (some infer heads from weights)."""
-    from segformer.config import SegformerConfig
+    from segformer.models.config import SegformerConfig
 
     return SegformerConfig(
         hidden_sizes=[8, 16, 40, 64],
@@ -62,7 +62,7 @@ def small_config():
 
 @pytest.fixture
 def start_model(tmp_path, small_config) -> Path:
-    from segformer.model import SegformerForSemanticSegmentation
+    from segformer.models.segformer import SegformerForSemanticSegmentation
 
     return segformer.save(SegformerForSemanticSegmentation(small_config), tmp_path / "start")
 
@@ -183,7 +183,7 @@ def _float64_loss(logits, labels, weights):
 def test_banded_loss_and_gradient_equal_upsample_then_cross_entropy(
     classes, shape, weighted, monkeypatch
 ):
-    from segformer import train as training
+    from segformer.training import loop as training
 
     monkeypatch.setattr(training, "_LOSS_BAND_ELEMENTS", 2000)  # many small bands
     torch.manual_seed(classes)
@@ -315,7 +315,7 @@ def test_run_leaves_checkpoints_reports_and_a_loadable_best_model(
 _KILLING_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    import segformer.train as training
+    import segformer.training.loop as training
 
     calls = 0
     original = training.save_checkpoint
@@ -391,7 +391,7 @@ def test_resume_after_sigkill_is_bit_identical(dataset_root, start_model, tmp_pa
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(
     dataset_root, start_model, tmp_path, monkeypatch
 ):
-    import segformer.train as training
+    import segformer.training.loop as training
 
     real_loss = training.segmentation_loss
     calls = {"n": 0}
@@ -414,7 +414,10 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(
 def test_start_from_a_checkpoint_with_another_label_set_or_an_encoder(
     dataset_root, small_config, tmp_path
 ):
-    from segformer.model import SegformerForImageClassification, SegformerForSemanticSegmentation
+    from segformer.models.segformer import (
+        SegformerForImageClassification,
+        SegformerForSemanticSegmentation,
+    )
 
     five = SegformerForSemanticSegmentation(small_config.with_labels([f"c{i}" for i in range(5)]))
     folder = segformer.save(five, tmp_path / "five")

@@ -9,7 +9,7 @@ import colorsys
 import numpy as np
 import pytest
 
-from segformer.transforms import (
+from segformer.training.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TrainTransform,

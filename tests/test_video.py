@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from segformer.errors import ImageError
-from segformer.processing import ImageProcessor
-from segformer.segmenter import Segmenter
-from segformer.video import is_video, output_suffix, segment_video
+from segformer.inference.processing import ImageProcessor
+from segformer.inference.segmenter import Segmenter
+from segformer.inference.video import is_video, output_suffix, segment_video
 
 
 def write_clip(path: Path, frames: int = 12, width: int = 64, height: int = 48, rate: int = 12, codec: str = "libx264", pix_fmt: str = "yuv420p", rotation: int | None = None, container: str | None = None) -> Path:  # fmt: skip

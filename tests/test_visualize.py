@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segformer.segmenter import ClassShare
-from segformer.visualize import (
+from segformer.inference.segmenter import ClassShare
+from segformer.inference.visualize import (
     ADE20K_LABELS,
     ADE20K_PALETTE,
     CAMVID_LABELS,

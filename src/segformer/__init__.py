@@ -18,20 +18,20 @@ __version__ = "0.1.0"
 
 # public name → module that defines it
 _EXPORTS = {
-    "load": "segformer.checkpoints",
-    "save": "segformer.checkpoints",
-    "SegformerConfig": "segformer.config",
-    "VARIANTS": "segformer.config",
+    "load": "segformer.weights.checkpoints",
+    "save": "segformer.weights.checkpoints",
+    "SegformerConfig": "segformer.models.config",
+    "VARIANTS": "segformer.models.config",
     "SegformerError": "segformer.errors",
     "CheckpointError": "segformer.errors",
     "ImageError": "segformer.errors",
     "DataError": "segformer.errors",
-    "MixTransformer": "segformer.model",
-    "SegformerForSemanticSegmentation": "segformer.model",
-    "SegformerForImageClassification": "segformer.model",
-    "ImageProcessor": "segformer.processing",
-    "Segmenter": "segformer.segmenter",
-    "InferenceMode": "segformer.inference",
+    "MixTransformer": "segformer.models.segformer",
+    "SegformerForSemanticSegmentation": "segformer.models.segformer",
+    "SegformerForImageClassification": "segformer.models.segformer",
+    "ImageProcessor": "segformer.inference.processing",
+    "Segmenter": "segformer.inference.segmenter",
+    "InferenceMode": "segformer.inference.modes",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -51,14 +51,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from segformer.checkpoints import load, save
-    from segformer.config import VARIANTS, SegformerConfig
     from segformer.errors import CheckpointError, DataError, ImageError, SegformerError
-    from segformer.inference import InferenceMode
-    from segformer.model import (
+    from segformer.inference.modes import InferenceMode
+    from segformer.inference.processing import ImageProcessor
+    from segformer.inference.segmenter import Segmenter
+    from segformer.models.config import VARIANTS, SegformerConfig
+    from segformer.models.segformer import (
         MixTransformer,
         SegformerForImageClassification,
         SegformerForSemanticSegmentation,
     )
-    from segformer.processing import ImageProcessor
-    from segformer.segmenter import Segmenter
+    from segformer.weights.checkpoints import load, save

@@ -8,8 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from segformer.allocator import use_fast_allocator
 from segformer.errors import SegformerError
+from segformer.tools.allocator import use_fast_allocator
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,8 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from segformer import bench
     from segformer.errors import SegformerError
+    from segformer.tools import bench
 
     if args.threads is not None:
         if args.threads < 1:
@@ -169,10 +169,10 @@ def _load(name: str | None):
     """The model to time and a source a subprocess can load it from again."""
     import tempfile
 
-    from segformer.builtin import DEFAULT_MODEL
-    from segformer.checkpoints import load_segmentation_model, save
-    from segformer.config import VARIANTS, SegformerConfig
-    from segformer.model import SegformerForSemanticSegmentation
+    from segformer.models.config import VARIANTS, SegformerConfig
+    from segformer.models.segformer import SegformerForSemanticSegmentation
+    from segformer.weights.builtin import DEFAULT_MODEL
+    from segformer.weights.checkpoints import load_segmentation_model, save
 
     if name is not None and name.lower() in VARIANTS:
         model = SegformerForSemanticSegmentation(
@@ -185,7 +185,7 @@ def _load(name: str | None):
 
 
 def _add_peak_rss(results: dict, source: str, size: tuple[int, int]) -> None:
-    from segformer import bench
+    from segformer.tools import bench
 
     for job in results["jobs"]:
         photo = job.get("image") if job["kind"] == "photo" else None

@@ -91,13 +91,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from segformer import reports
-    from segformer.builtin import DEFAULT_MODEL
-    from segformer.checkpoints import load_segmentation_model
-    from segformer.data import open_dataset, read_labels_file, scan
-    from segformer.metrics import evaluate_dataset
-    from segformer.processing import ImageProcessor
-    from segformer.train import setup_distributed
+    from segformer.inference.processing import ImageProcessor
+    from segformer.training import reports
+    from segformer.training.datasets import open_dataset, read_labels_file, scan
+    from segformer.training.loop import setup_distributed
+    from segformer.training.metrics import evaluate_dataset
+    from segformer.weights.builtin import DEFAULT_MODEL
+    from segformer.weights.checkpoints import load_segmentation_model
 
     process, device = setup_distributed(args.device)
     model = load_segmentation_model(args.model, purpose="evaluation")

@@ -42,10 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from segformer.checkpoints import load
     from segformer.errors import SegformerError
-    from segformer.export import DEFAULT_OPSET, export_onnx
-    from segformer.processing import ImageProcessor
+    from segformer.inference.export import DEFAULT_OPSET, export_onnx
+    from segformer.inference.processing import ImageProcessor
+    from segformer.weights.checkpoints import load
 
     model = load(args.model)
     size = (

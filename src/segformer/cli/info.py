@@ -35,11 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from segformer.builtin import DEFAULT_MODEL
-    from segformer.checkpoints import load_segmentation_model
     from segformer.errors import SegformerError
-    from segformer.processing import ImageProcessor
-    from segformer.segmenter import model_info
+    from segformer.inference.processing import ImageProcessor
+    from segformer.inference.segmenter import model_info
+    from segformer.weights.builtin import DEFAULT_MODEL
+    from segformer.weights.checkpoints import load_segmentation_model
 
     model = load_segmentation_model(args.model, purpose="`segformer info`")
     name = args.model or DEFAULT_MODEL

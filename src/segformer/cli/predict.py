@@ -150,7 +150,7 @@ def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def mode_from_args(args: argparse.Namespace) -> Any:
     """The ``InferenceMode`` the flags of ``add_mode_arguments`` describe."""
-    from segformer.inference import InferenceMode
+    from segformer.inference.modes import InferenceMode
 
     if args.mode != "slide" and (args.crop_size or args.stride):
         log.warning(
@@ -193,7 +193,7 @@ def _is_inside(path: Path, folder: Path) -> bool:
 
 
 def _wanted(path: Path) -> bool:
-    from segformer.video import VIDEO_EXTENSIONS
+    from segformer.inference.video import VIDEO_EXTENSIONS
 
     return path.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
@@ -203,7 +203,7 @@ def collect_jobs(inputs: list[str], out_dir: Path) -> tuple[list[Job], list[tupl
     nothing (with why). Folders are searched recursively for image and video extensions;
     files named explicitly are always tried. Anything inside ``out_dir`` is skipped, so a
     second run over a folder does not segment the first run's overlays."""
-    from segformer.video import is_video
+    from segformer.inference.video import is_video
 
     out_resolved = out_dir.resolve()
     found: list[tuple[Path, str]] = []  # (file, preferred stem)
@@ -270,7 +270,7 @@ def _top_classes(classes: list[Any], count: int = 5) -> str:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from segformer.segmenter import Segmenter, write_atomic
+    from segformer.inference.segmenter import Segmenter, write_atomic
 
     out_dir = Path(args.out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
@@ -398,7 +398,7 @@ def _run_images(
 def _run_video(
     segmenter: Any, job: Job, out_dir: Path, args: argparse.Namespace, legend: bool
 ) -> dict[str, Any]:
-    from segformer.video import output_suffix, segment_video
+    from segformer.inference.video import output_suffix, segment_video
 
     record: dict[str, Any] = {"input": str(job.path), "kind": "video"}
     video_path = out_dir / f"{job.stem}_overlay{output_suffix(job.path)}"

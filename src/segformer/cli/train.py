@@ -21,7 +21,10 @@ from segformer.errors import SegformerError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from segformer.train_config import HELP, TrainConfig  # the single list of settings (no torch)
+    from segformer.training.config import (  # the single list of settings (no torch)
+        HELP,
+        TrainConfig,
+    )
 
     parser = subparsers.add_parser(
         "train",
@@ -67,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given explicitly: from the config file, then --set, then --<key>."""
-    from segformer.train_config import read_config_file
+    from segformer.training.config import read_config_file
 
     values: dict[str, Any] = dict(read_config_file(args.config)) if args.config else {}
     for assignment in args.assignments:
@@ -82,7 +85,7 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from segformer.train import TrainConfig, train
+    from segformer.training.loop import TrainConfig, train
 
     given = collect_settings(args)
     config = TrainConfig.from_dict(given)

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from segformer import __version__
 from segformer.errors import CheckpointError, ImageError, SegformerError
-from segformer.segmenter import SegmentationResult
+from segformer.inference.segmenter import SegmentationResult
 from segformer.server import schemas
 from segformer.server.jobs import DONE, FORMATS, VideoJob, VideoJobs, VideoRefused, read_frame_stats
 from segformer.server.pool import PoolFull, WorkerPool

@@ -211,7 +211,7 @@ class VideoJobs:
         """Refuse what is not a video (by content) or is over the limits, before queueing."""
         import av
 
-        from segformer.video import frame_count_estimate
+        from segformer.inference.video import frame_count_estimate
 
         settings = self.settings
         try:
@@ -249,7 +249,7 @@ class VideoJobs:
 
     # -- running -----------------------------------------------------------------------------
     def _run(self, job: VideoJob) -> None:
-        from segformer.video import segment_video
+        from segformer.inference.video import segment_video
 
         if job.stop.is_set():
             self._finish(job, CANCELLED, None)

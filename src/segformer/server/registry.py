@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from segformer.inference import MODES
-from segformer.segmenter import Segmenter
+from segformer.inference.modes import MODES
+from segformer.inference.segmenter import Segmenter
 from segformer.server.settings import ModelSpec, Settings
 
 log = logging.getLogger("segformer.server")

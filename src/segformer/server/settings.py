@@ -18,7 +18,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def default_bench_results() -> Path:
     """Where ``segformer bench`` writes its results unless told otherwise, and so where the
     comparison page looks for them."""
-    from segformer.bench import default_results_path
+    from segformer.tools.bench import default_results_path
 
     return default_results_path()
 
@@ -138,7 +138,7 @@ class Settings:
 
     def model_specs(self) -> list[ModelSpec]:
         if not self.models:
-            from segformer.builtin import DEFAULT_MODEL
+            from segformer.weights.builtin import DEFAULT_MODEL
 
             return [ModelSpec(DEFAULT_MODEL, None)]
         return [ModelSpec.parse(text) for text in self.models]

@@ -10,7 +10,7 @@ Design for Semantic Segmentation with Transformers").
          → logits (B, num_labels, ⌈H/4⌉, ⌈W/4⌉)
 
 Names say what things are; checkpoint formats with other names are translated in
-``segformer.checkpoints``. Shapes in comments use B batch, C channels, N = h·w tokens.
+``segformer.weights.checkpoints``. Shapes in comments use B batch, C channels, N = h·w tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segformer.config import SegformerConfig
+from segformer.models.config import SegformerConfig
 
 # LayerNorms inside the patch embedding and the key/value reduction use PyTorch's default eps
 # in every reference implementation; only the block and stage norms follow the config.
@@ -343,7 +343,7 @@ class SegformerForSemanticSegmentation(nn.Module):
         # A classifier that starts near zero gives first losses of about ln(num_labels),
         # instead of many times that under the He init the other convs get.
         nn.init.normal_(self.decode_head.classifier.weight, std=0.01)
-        # Filled in by segformer.checkpoints: labels' palette, preprocessing, licence, source.
+        # Filled in by segformer.weights.checkpoints: labels' palette, preprocessing, licence, source.
         self.metadata: dict = {}
 
     def forward(self, pixel_values: Tensor) -> Tensor:

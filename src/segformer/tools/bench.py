@@ -41,14 +41,14 @@ from typing import Any
 
 import torch
 
-from segformer.allocator import allocator_in_use
-from segformer.engine import (
+from segformer.errors import SegformerError
+from segformer.inference.engine import (
     FastSegformer,
     create_engine,
     labels_from_logits,
 )
-from segformer.errors import SegformerError
-from segformer.model import SegformerForSemanticSegmentation
+from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.tools.allocator import allocator_in_use
 
 log = logging.getLogger("segformer")
 
@@ -140,12 +140,12 @@ def executed_macs(
     model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int = 1
 ) -> int:
     """Multiply-accumulates ``FastSegformer`` executes for one batch at ``size``, counted like
-    ``segformer.inference.count_macs`` counts the model's, on a weightless copy."""
+    ``segformer.inference.modes.count_macs`` counts the model's, on a weightless copy."""
     with torch.device("meta"):
         shadow = SegformerForSemanticSegmentation(model.config).eval()
         fast = FastSegformer(shadow)
         pixels = torch.empty(batch, model.config.num_channels, *size)
-    from segformer.inference import macs_of
+    from segformer.inference.modes import macs_of
 
     return macs_of(fast, pixels)
 
@@ -161,8 +161,8 @@ def variant_table(
     """Parameters and GMACs of every MiT variant with ``num_labels`` classes at ``size`` (by
     default the paper's ADE20K size: 512², B5 640²): the model as published and the work
     ``FastSegformer`` does."""
-    from segformer.config import VARIANTS, SegformerConfig
-    from segformer.inference import count_macs
+    from segformer.inference.modes import count_macs
+    from segformer.models.config import VARIANTS, SegformerConfig
 
     rows = []
     for name in VARIANTS:
@@ -256,7 +256,7 @@ def transformers_model(
     Hugging Face-layout folder written by ``segformer.save``), in eval mode."""
     import transformers
 
-    from segformer.checkpoints import save
+    from segformer.weights.checkpoints import save
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -322,7 +322,7 @@ def sample_pixels(
 ) -> torch.Tensor:
     """Model input for a job: ``image`` (a real photo, which label agreement needs) resized and
     normalised by the model's processor, or, without one, a smooth synthetic image."""
-    from segformer.processing import ImageProcessor, read_image
+    from segformer.inference.processing import ImageProcessor, read_image
 
     processor = ImageProcessor.from_model(model).replace(
         size=size, do_resize=True, keep_ratio=False, shortest_edge=None
@@ -431,7 +431,7 @@ def run_model_job(
 def _model_macs(
     model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int
 ) -> dict[str, float]:
-    from segformer.inference import count_macs
+    from segformer.inference.modes import count_macs
 
     return {
         # As published (the paper's "GFLOPs" convention); MACs grow linearly with the batch.
@@ -448,7 +448,7 @@ def photo_pipeline(
 ) -> Callable[[str | os.PathLike[str]], torch.Tensor]:
     """Our path from an image file to full-resolution labels: decode, preprocess (the model's
     processor), engine, ``labels_from_logits``."""
-    from segformer.processing import ImageProcessor, read_image
+    from segformer.inference.processing import ImageProcessor, read_image
 
     processor = ImageProcessor.from_model(model)
     engine = create_engine(model, backend=backend, precision=precision, device=device)
@@ -468,7 +468,7 @@ def transformers_photo_pipeline(
     from PIL import Image
     from transformers import SegformerImageProcessorPil
 
-    from segformer.processing import ImageProcessor
+    from segformer.inference.processing import ImageProcessor
 
     ours = ImageProcessor.from_model(model)
     processor = SegformerImageProcessorPil(
@@ -505,7 +505,7 @@ def run_photo_job(
     """Time a photo file to full-resolution labels (decode → preprocess → model → labels) with
     our pipeline per engine and with transformers', interleaved. Reports whether each label
     map is identical to the exact reference (upsample-then-argmax of the exact logits)."""
-    from segformer.processing import ImageProcessor, read_image
+    from segformer.inference.processing import ImageProcessor, read_image
 
     image = str(image)
     candidates: dict[str, Callable[[], torch.Tensor]] = {}
@@ -595,12 +595,12 @@ def run_labels_job(
 def _job_process(
     spec: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 1800
 ) -> dict[str, Any]:
-    """Run ``spec`` through ``python -m segformer.bench`` in a new process (same interpreter,
+    """Run ``spec`` through ``python -m segformer.tools.bench`` in a new process (same interpreter,
     allocator and thread count) and return the JSON it prints."""
     environment = {**os.environ, **(env or {})}
     environment.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     completed = subprocess.run(
-        [sys.executable, "-m", "segformer.bench", json.dumps(spec)],
+        [sys.executable, "-m", "segformer.tools.bench", json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -682,7 +682,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     task = spec["task"]
     if task == "compile":
-        from segformer.checkpoints import load
+        from segformer.weights.checkpoints import load
 
         model = load(spec["model"])
         pixels = torch.randn(1, 3, *spec["size"])
@@ -695,7 +695,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         )
         return {"first_call_s": first, "steady_ms": steady * 1e3}
     if task == "rss":
-        from segformer.checkpoints import load
+        from segformer.weights.checkpoints import load
 
         model = load(spec["model"])
         if spec["runner"] == TRANSFORMERS:
@@ -856,7 +856,7 @@ def new_results(peak: bool = True) -> dict[str, Any]:
 def default_results_path() -> Path:
     """Where ``segformer bench`` writes its JSON unless told otherwise (the server's
     comparison page reads it from there)."""
-    from segformer.engine import cache_dir
+    from segformer.inference.engine import cache_dir
 
     return cache_dir() / "bench.json"
 

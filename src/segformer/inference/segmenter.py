@@ -33,12 +33,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from segformer import visualize
-from segformer.engine import Engine, create_engine, resolve_device
 from segformer.errors import CheckpointError, ImageError, SegformerError
-from segformer.inference import InferenceMode, predict_labels_each
-from segformer.model import SegformerForSemanticSegmentation
-from segformer.processing import DEFAULT_MAX_PIXELS, ImageProcessor, ImageSource, read_image
+from segformer.inference import visualize
+from segformer.inference.engine import Engine, create_engine, resolve_device
+from segformer.inference.modes import InferenceMode, predict_labels_each
+from segformer.inference.processing import (
+    DEFAULT_MAX_PIXELS,
+    ImageProcessor,
+    ImageSource,
+    read_image,
+)
+from segformer.models.segformer import SegformerForSemanticSegmentation
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,8 +263,8 @@ def model_info(
     """A model described for people and programs (JSON-ready): name, variant, parameters,
     labels, palette and where its colours come from, preprocessing, source, checkpoint format,
     licence and metrics when known; with ``macs_at=(height, width)`` also its multiply-
-    accumulates at that size (see ``segformer.inference.count_macs``)."""
-    from segformer.inference import count_macs
+    accumulates at that size (see ``segformer.inference.modes.count_macs``)."""
+    from segformer.inference.modes import count_macs
 
     meta = model.metadata
     labels = list(model.labels)
@@ -411,8 +416,8 @@ class Segmenter:
         """Load a model (built-in name, checkpoint file, Hugging Face folder or hub id — anything
         ``segformer.load`` takes; ``None``: the package's built-in model) and wrap it. Other
         options go to ``Segmenter(...)`` (``batch_size``, ``max_pixels``, ``crop_size`` …)."""
-        from segformer.builtin import DEFAULT_MODEL
-        from segformer.checkpoints import load_segmentation_model
+        from segformer.weights.builtin import DEFAULT_MODEL
+        from segformer.weights.checkpoints import load_segmentation_model
 
         model = load_segmentation_model(name_or_path, revision=revision)
         options.setdefault("name", str(name_or_path or DEFAULT_MODEL))

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segformer.errors import CheckpointError, SegformerError
-from segformer.model import (
+from segformer.models.segformer import (
     AllMLPDecoder,
     EfficientSelfAttention,
     EncoderStage,
@@ -624,7 +624,7 @@ def model_digest(model: nn.Module) -> str:
 def cached_onnx_export(model: SegformerForSemanticSegmentation) -> Path:
     """The path of ``model``'s ONNX export in ``cache_dir() / "onnx"``, exporting it first
     when it is not there yet."""
-    from segformer.export import DEFAULT_OPSET, export_onnx
+    from segformer.inference.export import DEFAULT_OPSET, export_onnx
 
     key = f"{model_digest(model)}-torch{torch.__version__.split('+')[0]}-opset{DEFAULT_OPSET}"
     path = cache_dir() / "onnx" / f"{key}.onnx"

@@ -171,7 +171,7 @@ def palette_name(labels: Sequence[str], metadata: dict[str, Any] | None = None) 
 
 # --- colouring and overlays ---------------------------------------------------------------
 class LegendEntry(Protocol):
-    """What the legend needs of a class: ``segformer.segmenter.ClassShare`` has it."""
+    """What the legend needs of a class: ``segformer.inference.segmenter.ClassShare`` has it."""
 
     name: str
     share: float

@@ -14,7 +14,7 @@ Every random choice comes from the ``numpy.random.Generator`` passed in, never f
 RNG. The data loader derives that generator from (seed, epoch, sample index), so a sample's
 augmentation does not depend on which worker or process draws it, or on where a run resumed.
 
-Evaluation needs no transform here: images go through ``segformer.inference`` exactly as in
+Evaluation needs no transform here: images go through ``segformer.inference.modes`` exactly as in
 prediction, and labels stay at their original size.
 """
 

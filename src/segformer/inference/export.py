@@ -1,5 +1,5 @@
 """ONNX export: a model's ``FastSegformer`` (the re-associated, exact forward pass of
-``segformer.engine``) as an ONNX graph with dynamic batch, height and width, checked against
+``segformer.inference.engine``) as an ONNX graph with dynamic batch, height and width, checked against
 the PyTorch model with onnxruntime.
 
 The file has one input, ``pixel_values`` (float32, batch × 3 × height × width, normalised as
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from segformer.errors import CheckpointError, SegformerError
-from segformer.model import SegformerForSemanticSegmentation
+from segformer.models.segformer import SegformerForSemanticSegmentation
 
 log = logging.getLogger("segformer")
 
@@ -70,7 +70,7 @@ def export_onnx(
     The file appears whole or not at all."""
     import time
 
-    from segformer.engine import FastSegformer
+    from segformer.inference.engine import FastSegformer
 
     if not isinstance(model, SegformerForSemanticSegmentation):
         raise CheckpointError(
@@ -160,7 +160,7 @@ def _add_metadata(path: Path, model: SegformerForSemanticSegmentation) -> None:
         ),
         "segformer.config": json.dumps(model.config.to_hf_dict()),
     }
-    from segformer.processing import ImageProcessor
+    from segformer.inference.processing import ImageProcessor
 
     # What the model expects, written out in full (defaults included) so a deployment can
     # prepare images without this library.
@@ -203,7 +203,7 @@ def compare_with_torch(
 ) -> dict[str, Any]:
     """Run the ONNX file with onnxruntime and ``model`` (as written, eager fp32) on the same
     random input; returns the shape and the relative L2 error of the logits."""
-    from segformer.engine import OnnxRuntimeEngine
+    from segformer.inference.engine import OnnxRuntimeEngine
 
     engine = OnnxRuntimeEngine(path, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """The settings of a training run: one dataclass, read from YAML or TOML files and command-line
 overrides, saved with every run. Kept free of torch so the command line can list the
-settings (``segformer train --help``) instantly; ``segformer.train`` runs them."""
+settings (``segformer train --help``) instantly; ``segformer.training.loop`` runs them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import yaml
 
 from segformer.errors import SegformerError
 
-# Kept in step with segformer.data.FORMATS (data imports torch; this module must not).
+# Kept in step with segformer.training.datasets.FORMATS (data imports torch; this module must not).
 DATASET_FORMATS = ("folder", "binary", "list", "camvid", "ade20k", "cityscapes", "hf")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CLASS_WEIGHTING = ("median-frequency", "enet")

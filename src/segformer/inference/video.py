@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from segformer.errors import ImageError, SegformerError
-from segformer.segmenter import SegmentationResult, Segmenter, atomic_path, write_atomic
+from segformer.inference.segmenter import SegmentationResult, Segmenter, atomic_path, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm")
 

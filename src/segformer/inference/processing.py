@@ -639,7 +639,7 @@ class ImageProcessor:
         output with ``.logits``. With ``target_sizes`` each map is upsampled bilinearly
         (align_corners=False) to its size before the argmax, as transformers does; without,
         it is the argmax at the logits' resolution."""
-        from segformer.engine import labels_from_logits
+        from segformer.inference.engine import labels_from_logits
 
         logits = getattr(logits, "logits", logits)
         per_image = list(logits) if isinstance(logits, (list, tuple)) else None
@@ -750,7 +750,7 @@ class ImageProcessor:
     def from_pretrained(cls, name_or_path: str | os.PathLike[str]) -> ImageProcessor:
         """The processor of a model (built-in name, folder, ``preprocessor_config.json`` file or
         hub id): its ``preprocessor_config.json`` when it has one, else the defaults."""
-        from segformer.checkpoints import resolve
+        from segformer.weights.checkpoints import resolve
 
         path = resolve(name_or_path)
         config = path / "preprocessor_config.json" if path.is_dir() else path

@@ -230,14 +230,14 @@ def evaluate_dataset(
     num_workers: int = 0,
     progress: bool = False,
 ) -> SegmentationMetrics:
-    """Evaluate ``model`` on a ``segformer.data`` dataset in inference ``mode`` ("whole",
+    """Evaluate ``model`` on a ``segformer.training.datasets`` dataset in inference ``mode`` ("whole",
     "slide" or an ``InferenceMode``), preprocessing with ``processor`` (default: the model's
     own). Under torch.distributed, each process takes every N-th image and the counts are
     summed, so the result equals a single-process run exactly."""
     import torch.distributed as dist
 
-    from segformer.data import eval_loader
-    from segformer.segmenter import Segmenter
+    from segformer.inference.segmenter import Segmenter
+    from segformer.training.datasets import eval_loader
 
     rank, world = (
         (dist.get_rank(), dist.get_world_size())

@@ -42,9 +42,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segformer import reports
-from segformer.config import VARIANTS, SegformerConfig
-from segformer.data import (
+from segformer.errors import DataError, SegformerError
+from segformer.models.config import VARIANTS, SegformerConfig
+from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.training import reports
+from segformer.training.config import TrainConfig, read_config_file
+from segformer.training.datasets import (
     AugmentedDataset,
     HFSegmentationDataset,
     SegmentationDataset,
@@ -54,11 +57,8 @@ from segformer.data import (
     scan,
     train_loader,
 )
-from segformer.errors import DataError, SegformerError
-from segformer.metrics import SegmentationMetrics, evaluate
-from segformer.model import SegformerForSemanticSegmentation
-from segformer.train_config import TrainConfig, read_config_file
-from segformer.transforms import IGNORE_INDEX, TrainTransform
+from segformer.training.metrics import SegmentationMetrics, evaluate
+from segformer.training.transforms import IGNORE_INDEX, TrainTransform
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "read_config_file", "train"]
 
@@ -351,7 +351,7 @@ def autocast(device: torch.device, precision: str):
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write the checkpoint through a temporary file beside ``path`` that is renamed into
     place: a kill at any moment leaves either the complete new file or none."""
-    from segformer.segmenter import write_atomic
+    from segformer.inference.segmenter import write_atomic
 
     write_atomic(path, lambda file: torch.save(state, file))
 
@@ -507,7 +507,7 @@ def resolve_class_weights(config: TrainConfig, report: Any, num_labels: int) -> 
 
 
 def inference_mode(config: TrainConfig) -> Any:
-    from segformer.inference import InferenceMode
+    from segformer.inference.modes import InferenceMode
 
     if config.eval_mode == "slide":
         return InferenceMode(
@@ -520,7 +520,7 @@ def image_processor(config: TrainConfig) -> Any:
     """How validation (and, through the exported preprocessor_config.json, every later
     prediction) turns an image into pixel values: a keep-ratio resize into ``eval_scale``, a
     fixed ``eval_size``, or the native size."""
-    from segformer.processing import ImageProcessor
+    from segformer.inference.processing import ImageProcessor
 
     if config.eval_size:
         return ImageProcessor(do_resize=True, size=tuple(config.eval_size))
@@ -794,7 +794,7 @@ def train(
         writer = _tensorboard(run_dir)
 
     def validate() -> SegmentationMetrics:
-        from segformer.segmenter import Segmenter
+        from segformer.inference.segmenter import Segmenter
 
         _sync_buffers(model, process)
         if ema is not None:

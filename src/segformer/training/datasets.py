@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from segformer.errors import DataError, ImageError
-from segformer.visualize import (
+from segformer.inference.visualize import (
     ADE20K_LABELS,
     ADE20K_PALETTE,
     CAMVID_LABELS,
@@ -56,7 +56,7 @@ MASK_DIR_NAMES = ("masks", "labels", "annotations", "annotation", "mask", "label
 MASK_STEM_SUFFIXES = ("", "_mask", "_label", "_labels", "_gt", "_seg", "_segmentation")
 
 # ---------------------------------------------------------------------------------------
-# Label sets that come with a format: names and colours live in segformer.visualize
+# Label sets that come with a format: names and colours live in segformer.inference.visualize
 # ---------------------------------------------------------------------------------------
 CAMVID_VOID = 11
 
@@ -111,9 +111,9 @@ def binary_table() -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 def read_image(source: str | os.PathLike[str] | Image.Image, name: str | None = None) -> np.ndarray:
     """An image (file or PIL image) as uint8 RGB (H, W, 3), decoded exactly as prediction
-    decodes it (``segformer.processing.read_image``: EXIF orientation applied, transparency on
+    decodes it (``segformer.inference.processing.read_image``: EXIF orientation applied, transparency on
     white)."""
-    from segformer.processing import read_image as decode
+    from segformer.inference.processing import read_image as decode
 
     try:
         return np.array(decode(source, max_pixels=None, name=name))
@@ -126,10 +126,10 @@ def read_mask(
     palette: Sequence[Sequence[int]] | None = None,
     name: str | None = None,
 ) -> np.ndarray:
-    """A stored mask as uint8 (H, W), decoded as ``segformer.processing.read_mask`` decodes
+    """A stored mask as uint8 (H, W), decoded as ``segformer.inference.processing.read_mask`` decodes
     label images (palette PNGs give their indices; colour masks are read through ``palette``,
     colour k → k); values must fit 0..255, where 255 is "ignore"."""
-    from segformer.processing import read_mask as decode
+    from segformer.inference.processing import read_mask as decode
 
     label = name or str(source)
     try:

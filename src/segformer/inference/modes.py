@@ -25,8 +25,8 @@ accumulator per image (slide). Augmentation adds one accumulator per image at th
 the scales are run one after another and folded into it, never kept side by side.
 
 An *engine* is any callable mapping pixel values (B, 3, H, W) to float32 logits
-(B, K, ⌈H/4⌉, ⌈W/4⌉) — ``segformer.engine.create_engine(model)`` or the model itself. Labels
-always come from ``segformer.engine.labels_from_logits``.
+(B, K, ⌈H/4⌉, ⌈W/4⌉) — ``segformer.inference.engine.create_engine(model)`` or the model itself. Labels
+always come from ``segformer.inference.engine.labels_from_logits``.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segformer.config import SegformerConfig
-from segformer.engine import labels_from_logits
 from segformer.errors import SegformerError
+from segformer.inference.engine import labels_from_logits
+from segformer.models.config import SegformerConfig
 
 EngineFn = Callable[[Tensor], Tensor]
 Size = tuple[int, int]
@@ -340,7 +340,7 @@ def count_macs(
     additions. The count runs on a weightless copy on PyTorch's "meta" device, so it is
     instant and allocates nothing, at any size.
     """
-    from segformer.model import SegformerForSemanticSegmentation
+    from segformer.models.segformer import SegformerForSemanticSegmentation
 
     if isinstance(model, SegformerConfig):
         config, model_cls = model, SegformerForSemanticSegmentation

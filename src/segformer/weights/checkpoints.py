@@ -33,9 +33,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from segformer.config import NVLABS_LAYER_NORM_EPS, SegformerConfig
 from segformer.errors import CheckpointError
-from segformer.model import (
+from segformer.models.config import NVLABS_LAYER_NORM_EPS, SegformerConfig
+from segformer.models.segformer import (
     SegformerForImageClassification,
     SegformerForSemanticSegmentation,
     SegformerModel,
@@ -413,7 +413,7 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
 
 def resolve(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
     """Where a model lives on disk: built-in name → local file → local folder → HF cache / hub."""
-    from segformer.builtin import builtin_path
+    from segformer.weights.builtin import builtin_path
 
     name = str(name_or_path)
     builtin = builtin_path(name)
@@ -606,7 +606,7 @@ def load_segmentation_model(
     """``load`` for the places that need a segmentation model: ``None`` means the package's
     built-in default model, and a classification checkpoint is refused in one line saying
     that ``purpose`` needs a segmentation model."""
-    from segformer.builtin import DEFAULT_MODEL, builtin_path
+    from segformer.weights.builtin import DEFAULT_MODEL, builtin_path
 
     if name_or_path is None:
         if builtin_path(DEFAULT_MODEL) is None:
@@ -645,7 +645,9 @@ def save(model: SegformerModel, folder: str | os.PathLike[str]) -> Path:
     if meta:
         config.setdefault("segformer", {}).update(meta)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from segformer.processing import ImageProcessor  # processing resolves names through this module
+    from segformer.inference.processing import (
+        ImageProcessor,  # processing resolves names through this module
+    )
 
     preprocessing = model.metadata.get("preprocessing") or ImageProcessor().to_dict()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
