@@ -17,7 +17,7 @@ from segformer.inference.segmenter import Segmenter
 from segformer.models.config import SegformerConfig
 from segformer.models.segformer import SegformerForSemanticSegmentation
 from segformer.weights.checkpoints import save
-from tests.test_video import write_clip
+from tests.inference.test_video import write_clip
 
 
 def picture(height: int, width: int, seed: int) -> Image.Image:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_server import (  # noqa: F401 (model_dir is a fixture)
+from tests.server.test_server import (  # noqa: F401 (model_dir is a fixture)
     BENCH_SAMPLE,
     make_settings,
     model_dir,

@@ -29,9 +29,8 @@ from segformer.training.loop import (
     segmentation_loss,
     train,
 )
+from tests.conftest import REPO
 from tests.segdata import make_samples, write_folder
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------

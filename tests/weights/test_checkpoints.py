@@ -23,7 +23,7 @@ from segformer.errors import CheckpointError
 from segformer.models.config import NVLABS_LAYER_NORM_EPS
 from segformer.weights.checkpoints import detect_format
 from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
-from tests.test_model import randomize, rel
+from tests.models.test_model import randomize, rel
 
 LABELS = ["sky", "road", "car", "person", "tree"]
 
