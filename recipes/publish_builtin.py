@@ -29,7 +29,7 @@ from segformer.training.datasets import open_dataset
 from segformer.training.metrics import evaluate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET = REPO / "src" / "segformer" / "builtin" / "camvid-b0"
+TARGET = REPO / "src" / "segformer" / "weights" / "builtin" / "camvid-b0"
 MODES = {
     "whole": InferenceMode("whole"),
     "whole + flip": InferenceMode("whole", flip=True),
@@ -74,9 +74,9 @@ def main() -> None:
 
     whole = results["whole"]
     history = read_history(args.run)
-    training = model.metadata.get("training", {})
-    model.metadata.update(
-        {
+    training = model.metadata.training or {}
+    model.metadata = model.metadata.replace(
+        **{
             "name": "camvid-b0",
             "license": "Apache-2.0 (weights trained by the segformer project); data: CamVid research terms",
             "dataset": "CamVid 11 classes, train split (367 images); selected on val (101 images)",

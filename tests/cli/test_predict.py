@@ -40,7 +40,7 @@ def model_dir(tmp_path, tiny_config):
         }
     )
     model = SegformerForSemanticSegmentation(config).eval()
-    model.metadata["preprocessing"] = ImageProcessor(size=(64, 64)).to_dict()
+    model.metadata.preprocessing = ImageProcessor(size=(64, 64)).to_dict()
     return save(model, tmp_path / "model")
 
 

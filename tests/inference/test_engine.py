@@ -10,15 +10,11 @@ import transformers
 
 import segformer
 from segformer.errors import CheckpointError, SegformerError
-from segformer.inference.engine import (
-    BACKENDS,
-    CompiledEngine,
-    FastSegformer,
-    TorchEngine,
-    create_engine,
-    default_backend,
-    labels_from_logits,
-)
+from segformer.inference.backends.compiled import CompiledEngine
+from segformer.inference.backends.pytorch import TorchEngine
+from segformer.inference.engine import BACKENDS, create_engine, default_backend
+from segformer.inference.labels import labels_from_logits
+from segformer.models.fast import FastSegformer
 from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
 
 

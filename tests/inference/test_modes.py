@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from segformer.errors import SegformerError
 from segformer.inference.modes import (
     InferenceMode,
-    count_macs,
     predict_labels,
     predict_labels_each,
     predict_logits,
     sliding_windows,
 )
 from segformer.models.config import SegformerConfig
+from segformer.models.macs import count_macs
 from segformer.models.segformer import SegformerForSemanticSegmentation
 
 

@@ -546,9 +546,7 @@ def test_from_pretrained_reads_transformers_save(tmp_path):
 
 def test_from_model(tiny_model):
     assert ImageProcessor.from_model(tiny_model) == ImageProcessor()
-    tiny_model.metadata["preprocessing"] = ImageProcessor(
-        size=(256, 256), keep_ratio=True
-    ).to_dict()
+    tiny_model.metadata.preprocessing = ImageProcessor(size=(256, 256), keep_ratio=True).to_dict()
     assert ImageProcessor.from_model(tiny_model) == ImageProcessor(size=(256, 256), keep_ratio=True)
 
 

@@ -36,7 +36,7 @@ def scene(height: int, width: int, seed: int = 0) -> Image.Image:
 
 @pytest.fixture
 def tiny_segmenter(tiny_model):
-    tiny_model.metadata["preprocessing"] = ImageProcessor(size=(64, 64)).to_dict()
+    tiny_model.metadata.preprocessing = ImageProcessor(size=(64, 64)).to_dict()
     return Segmenter(tiny_model, device="cpu", name="tiny")
 
 
@@ -245,9 +245,9 @@ def test_too_small_for_slide_is_a_clear_error(tiny_model):
 
 
 def test_from_pretrained_without_a_model_names_the_option(monkeypatch):
-    import segformer.weights.builtin
+    import segformer.weights.checkpoints
 
-    monkeypatch.setattr(segformer.weights.builtin, "builtin_path", lambda name: None)
+    monkeypatch.setattr(segformer.weights.checkpoints, "builtin_path", lambda name: None)
     with pytest.raises(CheckpointError, match="--model"):
         Segmenter.from_pretrained()
 

@@ -47,7 +47,7 @@ def probe(path: Path) -> tuple[int, int, int, float]:
 
 @pytest.fixture
 def segmenter(tiny_model):
-    tiny_model.metadata["preprocessing"] = ImageProcessor(size=(64, 64)).to_dict()
+    tiny_model.metadata.preprocessing = ImageProcessor(size=(64, 64)).to_dict()
     return Segmenter(tiny_model, device="cpu", batch_size=4)
 
 

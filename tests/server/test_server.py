@@ -58,10 +58,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = SegformerForSemanticSegmentation(config).eval()
     from segformer.inference.processing import ImageProcessor
 
-    model.metadata = {
-        "preprocessing": ImageProcessor(size=(64, 64)).to_dict(),
-        "license": "apache-2.0",
-    }
+    model.metadata.preprocessing = ImageProcessor(size=(64, 64)).to_dict()
+    model.metadata.license = "apache-2.0"
     folder = tmp_path_factory.mktemp("models") / "tiny-model"
     segformer.save(model, folder)
     return folder

@@ -11,7 +11,7 @@ import transformers
 
 import segformer
 from segformer.cli import main
-from segformer.inference.modes import count_macs
+from segformer.models.macs import count_macs
 from segformer.tools import bench
 
 

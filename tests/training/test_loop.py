@@ -293,10 +293,10 @@ def test_run_leaves_checkpoints_reports_and_a_loadable_best_model(
     assert saved.max_steps == 8 and saved.crop_size == [32, 32]
     best = segformer.load(run / "best")
     assert best.labels == ["background", "thing", "stuff"]
-    assert best.metadata["metrics"]["mIoU"] == pytest.approx(
+    assert best.metadata.metrics["mIoU"] == pytest.approx(
         result.best_metrics.summary()["mIoU"], abs=1e-3
     )
-    assert best.metadata["preprocessing"]["do_resize"] is False
+    assert best.metadata.preprocessing["do_resize"] is False
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mIoU"] == pytest.approx(100 * result.best_metrics.mean_iou, abs=1e-3)
     assert np.array_equal(np.array(metrics["confusion_matrix"]), result.best_metrics.confusion)
@@ -437,7 +437,7 @@ def test_start_from_a_checkpoint_with_another_label_set_or_an_encoder(
         )
     )
     model = segformer.load(result.run_dir / "best")
-    assert model.labels == ["sky", "road", "car"] and model.metadata["palette"][2] == [255, 0, 0]
+    assert model.labels == ["sky", "road", "car"] and model.metadata.palette[2] == [255, 0, 0]
     # the encoder carried over (it moved only by two small steps), the classifier is new
     start = five.state_dict()
     after = model.state_dict()

@@ -28,8 +28,8 @@ def test_builtin_weights_ship_and_load():
     model = segformer.load(DEFAULT_MODEL)
     assert model.config.variant == "b0"
     assert model.labels == CAMVID_CLASSES
-    assert model.metadata["license"].startswith("Apache-2.0")
-    assert model.metadata["metrics"]["whole"]["mIoU"] > 0
+    assert model.metadata.license.startswith("Apache-2.0")
+    assert model.metadata.metrics["whole"]["mIoU"] > 0
 
 
 def test_builtin_model_is_the_default(capsys):
@@ -37,7 +37,7 @@ def test_builtin_model_is_the_default(capsys):
     assert segmenter.labels == CAMVID_CLASSES
     assert main(["info"]) == 0  # describes the built-in model, scores included
     text = capsys.readouterr().out
-    whole = segformer.load(DEFAULT_MODEL).metadata["metrics"]["whole"]
+    whole = segformer.load(DEFAULT_MODEL).metadata.metrics["whole"]
     assert text.startswith("model       camvid-b0")
     assert f"whole: mIoU {whole['mIoU']:.2f}  mAcc {whole['mAcc']:.2f}" in text
 
@@ -73,7 +73,7 @@ def test_model_card_numbers_reproduce_with_segformer_eval(tmp_path):
         capture_output=True,
     )
     measured = json.loads((tmp_path / "metrics.json").read_text())
-    shipped = segformer.load(DEFAULT_MODEL).metadata["metrics"]
+    shipped = segformer.load(DEFAULT_MODEL).metadata.metrics
     whole = shipped["whole"]
     assert f"| whole | {whole['mIoU']:.2f} | {whole['mAcc']:.2f} | {whole['aAcc']:.2f} |" in card
     for score in ("mIoU", "mAcc", "aAcc"):

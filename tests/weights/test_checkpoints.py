@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import segformer
 from segformer.errors import CheckpointError
 from segformer.models.config import NVLABS_LAYER_NORM_EPS
-from segformer.weights.checkpoints import detect_format
+from segformer.weights.formats import detect_format
 from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
 from tests.models.test_model import randomize, rel
 
@@ -120,7 +120,7 @@ def classic_state(model: torch.nn.Module, tmp_path: Path) -> dict[str, torch.Ten
 def test_hf_folder_with_safetensors(reference, pixel_values, expected, tmp_path):
     reference.save_pretrained(tmp_path)
     model = segformer.load(tmp_path)
-    assert model.metadata["format"] == "hf"
+    assert model.metadata.format == "hf"
     assert model.labels == LABELS
     assert rel(logits_of(model, pixel_values), expected) <= 1e-5
     assert not model.training
@@ -142,7 +142,7 @@ def test_live_transformers_state_dict(reference, pixel_values, expected, tmp_pat
     assert any(".attention.q_proj." in k for k in state)
     torch.save(state, tmp_path / "finetuned.pth")
     model = segformer.load(tmp_path / "finetuned.pth")
-    assert model.metadata["format"] == "hf-live"
+    assert model.metadata.format == "hf-live"
     assert rel(logits_of(model, pixel_values), expected) <= 1e-5
 
 
@@ -169,12 +169,14 @@ def test_our_save_loads_in_transformers_unchanged(reference, pixel_values, expec
 def test_save_and_load_round_trip_keeps_metadata(reference, pixel_values, tmp_path):
     reference.save_pretrained(tmp_path / "hf")
     model = segformer.load(tmp_path / "hf")
-    model.metadata.update(palette=[[1, 2, 3]] * 5, license="CC-BY-4.0", metrics={"mIoU": 50.0})
+    model.metadata = model.metadata.replace(
+        palette=[[1, 2, 3]] * 5, license="CC-BY-4.0", metrics={"mIoU": 50.0}
+    )
     segformer.save(model, tmp_path / "ours")
     again = segformer.load(tmp_path / "ours")
-    assert again.metadata["palette"] == [[1, 2, 3]] * 5
-    assert again.metadata["license"] == "CC-BY-4.0"
-    assert again.metadata["metrics"] == {"mIoU": 50.0}
+    assert again.metadata.palette == [[1, 2, 3]] * 5
+    assert again.metadata.license == "CC-BY-4.0"
+    assert again.metadata.metrics == {"mIoU": 50.0}
     assert torch.equal(logits_of(again, pixel_values), logits_of(model, pixel_values))
 
 
@@ -210,9 +212,9 @@ def test_nvlabs_checkpoint(reference, pixel_values, expected, tmp_path):
     torch.save(checkpoint, tmp_path / "iter_160000.pth")
 
     model = segformer.load(tmp_path / "iter_160000.pth")
-    assert model.metadata["format"] == "nvlabs"
+    assert model.metadata.format == "nvlabs"
     assert model.labels == LABELS
-    assert model.metadata["palette"] == palette
+    assert model.metadata.palette == palette
     assert model.config.variant == "b0"
     # NVlabs' code runs its block norms with eps 1e-6: loaded as such by default …
     assert model.encoder.stages[0].blocks[0].norm1.eps == NVLABS_LAYER_NORM_EPS

@@ -162,7 +162,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "preprocessing": processor.to_dict(),
         }
         written = reports.write_metrics_report(
-            metrics, Path(args.out), info, model.metadata.get("palette")
+            metrics, Path(args.out), info, model.metadata.palette
         )
         print(f"{model_name} on {dataset.name} ({len(dataset)} images, {mode.describe()})")
         print(metrics.table())

@@ -1,5 +1,5 @@
 """ONNX export: a model's ``FastSegformer`` (the re-associated, exact forward pass of
-``segformer.inference.engine``) as an ONNX graph with dynamic batch, height and width, checked against
+``segformer.models.fast``) as an ONNX graph with dynamic batch, height and width, checked against
 the PyTorch model with onnxruntime.
 
 The file has one input, ``pixel_values`` (float32, batch × 3 × height × width, normalised as
@@ -17,14 +17,20 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 
 from segformer.errors import CheckpointError, SegformerError
+from segformer.inference.backends.base import cache_dir, model_digest
+from segformer.inference.backends.onnx_runtime import OnnxRuntimeEngine
+from segformer.inference.processing import ImageProcessor
+from segformer.models.fast import FastSegformer
 from segformer.models.segformer import SegformerForSemanticSegmentation
 
 log = logging.getLogger("segformer")
@@ -68,10 +74,6 @@ def export_onnx(
     are exercised) and the logits must match the PyTorch model's within ``CHECK_TOLERANCE``
     (relative L2 error); a mismatch raises ``SegformerError`` and leaves no file behind.
     The file appears whole or not at all."""
-    import time
-
-    from segformer.inference.engine import FastSegformer
-
     if not isinstance(model, SegformerForSemanticSegmentation):
         raise CheckpointError(
             f"ONNX export needs a semantic-segmentation model, not {type(model).__name__}"
@@ -151,7 +153,6 @@ def _export(module: torch.nn.Module, sample: torch.Tensor, path: Path, opset: in
 
 
 def _add_metadata(path: Path, model: SegformerForSemanticSegmentation) -> None:
-    import onnx
 
     proto = onnx.load(str(path))
     metadata = {
@@ -160,14 +161,12 @@ def _add_metadata(path: Path, model: SegformerForSemanticSegmentation) -> None:
         ),
         "segformer.config": json.dumps(model.config.to_hf_dict()),
     }
-    from segformer.inference.processing import ImageProcessor
-
     # What the model expects, written out in full (defaults included) so a deployment can
     # prepare images without this library.
     metadata["segformer.preprocessing"] = json.dumps(ImageProcessor.from_model(model).to_dict())
     for key in ("palette", "license", "source"):
-        if model.metadata.get(key) is not None:
-            metadata[f"segformer.{key}"] = json.dumps(model.metadata[key])
+        if getattr(model.metadata, key) is not None:
+            metadata[f"segformer.{key}"] = json.dumps(getattr(model.metadata, key))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -177,7 +176,6 @@ def _add_metadata(path: Path, model: SegformerForSemanticSegmentation) -> None:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``segformer.*`` metadata of an exported file, decoded (keys without the prefix)."""
-    import onnx
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -195,6 +193,17 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return found
 
 
+def cached_onnx_export(model: SegformerForSemanticSegmentation) -> Path:
+    """The path of ``model``'s ONNX export in ``cache_dir() / "onnx"``, exporting it first
+    when it is not there yet."""
+    key = f"{model_digest(model)}-torch{torch.__version__.split('+')[0]}-opset{DEFAULT_OPSET}"
+    path = cache_dir() / "onnx" / f"{key}.onnx"
+    if not path.is_file():
+        log.info("exporting the model to ONNX for onnxruntime (cached in %s)", path.parent)
+        export_onnx(model, path, check=False)
+    return path
+
+
 def compare_with_torch(
     path: str | os.PathLike[str],
     model: SegformerForSemanticSegmentation,
@@ -203,8 +212,6 @@ def compare_with_torch(
 ) -> dict[str, Any]:
     """Run the ONNX file with onnxruntime and ``model`` (as written, eager fp32) on the same
     random input; returns the shape and the relative L2 error of the logits."""
-    from segformer.inference.engine import OnnxRuntimeEngine
-
     engine = OnnxRuntimeEngine(path, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, model.config.num_channels, *size, generator=generator)

@@ -26,7 +26,7 @@ the scales are run one after another and folded into it, never kept side by side
 
 An *engine* is any callable mapping pixel values (B, 3, H, W) to float32 logits
 (B, K, ⌈H/4⌉, ⌈W/4⌉) — ``segformer.inference.engine.create_engine(model)`` or the model itself. Labels
-always come from ``segformer.inference.engine.labels_from_logits``.
+always come from ``segformer.inference.labels.labels_from_logits``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segformer.errors import SegformerError
-from segformer.inference.engine import labels_from_logits
-from segformer.models.config import SegformerConfig
+from segformer.inference.labels import labels_from_logits
 
 EngineFn = Callable[[Tensor], Tensor]
 Size = tuple[int, int]
@@ -319,49 +318,3 @@ def predict_labels_each(
     if len(set(sizes)) == 1:
         return list(labels_from_logits(logits, sizes[0]))
     return [labels_from_logits(logits[i : i + 1], size)[0] for i, size in enumerate(sizes)]
-
-
-# -------------------------------------------------------------------------------------
-# Cost
-# -------------------------------------------------------------------------------------
-def count_macs(
-    model: torch.nn.Module | SegformerConfig, size: Size = (512, 512), as_published: bool = True
-) -> int:
-    """Multiply-accumulates of one forward pass at ``size`` (height, width), batch 1, for a
-    model or a config (a segmentation model is assumed for a config).
-
-    ``as_published``: count the decoder as the paper draws it (project → upsample → concat →
-    fuse), which is what its table reports. With ``False``, count what our model computes:
-    the same function with the projections folded into the fuse conv, about half the MACs.
-
-    Counted: every convolution, linear layer and the two attention matmuls (QKᵀ and AV) —
-    what fvcore/mmcv count and what the SegFormer paper's table calls "GFLOPs" (B0 at 512²,
-    150 classes: 8.4). Not counted: norms, activations, softmax, bilinear upsampling and
-    additions. The count runs on a weightless copy on PyTorch's "meta" device, so it is
-    instant and allocates nothing, at any size.
-    """
-    from segformer.models.segformer import SegformerForSemanticSegmentation
-
-    if isinstance(model, SegformerConfig):
-        config, model_cls = model, SegformerForSemanticSegmentation
-    elif isinstance(getattr(model, "config", None), SegformerConfig):
-        config, model_cls = model.config, type(model)
-    else:
-        raise TypeError("count_macs needs a SegFormer model or config")
-    with torch.device("meta"):
-        shadow = model_cls(config).eval()
-        pixels = torch.empty(1, config.num_channels, *size)
-    if as_published and isinstance(shadow, SegformerForSemanticSegmentation):
-        return macs_of(lambda x: shadow.decode_head.forward_as_published(shadow.encoder(x)), pixels)
-    return macs_of(shadow, pixels)
-
-
-def macs_of(function: Callable[[Tensor], Any], pixels: Tensor) -> int:
-    """Multiply-accumulates of ``function(pixels)``: convs, linear layers and matmuls (the
-    math attention backend decomposes attention into batched matmuls, which the counter sees)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        function(pixels)
-    return counter.get_total_flops() // 2

@@ -46,6 +46,8 @@ import torch
 from PIL import Image, ImageOps
 
 from segformer.errors import CheckpointError, ImageError
+from segformer.inference.labels import labels_from_logits
+from segformer.weights.resolve import resolve
 
 # An image source: a path, encoded bytes, a binary file object, or pixels already in memory.
 ImageSource = (
@@ -639,7 +641,6 @@ class ImageProcessor:
         output with ``.logits``. With ``target_sizes`` each map is upsampled bilinearly
         (align_corners=False) to its size before the argmax, as transformers does; without,
         it is the argmax at the logits' resolution."""
-        from segformer.inference.engine import labels_from_logits
 
         logits = getattr(logits, "logits", logits)
         per_image = list(logits) if isinstance(logits, (list, tuple)) else None
@@ -750,7 +751,6 @@ class ImageProcessor:
     def from_pretrained(cls, name_or_path: str | os.PathLike[str]) -> ImageProcessor:
         """The processor of a model (built-in name, folder, ``preprocessor_config.json`` file or
         hub id): its ``preprocessor_config.json`` when it has one, else the defaults."""
-        from segformer.weights.checkpoints import resolve
 
         path = resolve(name_or_path)
         config = path / "preprocessor_config.json" if path.is_dir() else path
@@ -764,9 +764,9 @@ class ImageProcessor:
 
     @classmethod
     def from_model(cls, model: Any) -> ImageProcessor:
-        """The processor a loaded model carries in ``model.metadata["preprocessing"]``, else the
+        """The processor a loaded model carries in its metadata's ``preprocessing``, else the
         defaults."""
-        data = getattr(model, "metadata", {}).get("preprocessing")
+        data = model.metadata.preprocessing
         return cls.from_dict(data, source="model preprocessing") if data else cls()
 
     def replace(self, **changes: Any) -> ImageProcessor:

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from segformer.errors import CheckpointError, ImageError, SegformerError
 from segformer.inference import visualize
-from segformer.inference.engine import Engine, create_engine, resolve_device
+from segformer.inference.backends.base import Engine
+from segformer.inference.engine import create_engine, resolve_device
 from segformer.inference.modes import InferenceMode, predict_labels_each
 from segformer.inference.processing import (
     DEFAULT_MAX_PIXELS,
@@ -43,7 +44,10 @@ from segformer.inference.processing import (
     ImageSource,
     read_image,
 )
+from segformer.models.macs import count_macs
 from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.weights.builtin import DEFAULT_MODEL
+from segformer.weights.checkpoints import load_segmentation_model
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,24 +268,23 @@ def model_info(
     labels, palette and where its colours come from, preprocessing, source, checkpoint format,
     licence and metrics when known; with ``macs_at=(height, width)`` also its multiply-
     accumulates at that size (see ``segformer.inference.modes.count_macs``)."""
-    from segformer.inference.modes import count_macs
 
     meta = model.metadata
     labels = list(model.labels)
     processor = processor or ImageProcessor.from_model(model)
     info: dict[str, Any] = {
-        "name": name or meta.get("name") or meta.get("source"),
+        "name": name or meta.name or meta.source,
         "variant": model.config.variant or "custom",
         "parameters": sum(p.numel() for p in model.parameters()),
         "num_labels": len(labels),
         "labels": labels,
-        "palette": visualize.palette_for(labels, meta).tolist(),
-        "palette_source": visualize.palette_name(labels, meta),
+        "palette": visualize.palette_for(labels, meta.palette).tolist(),
+        "palette_source": visualize.palette_name(labels, meta.palette),
         "preprocessing": processor.to_dict(),
-        "source": meta.get("source"),
-        "format": meta.get("format"),
-        "license": meta.get("license"),
-        "metrics": meta.get("metrics"),
+        "source": meta.source,
+        "format": meta.format,
+        "license": meta.license,
+        "metrics": meta.metrics,
     }
     if macs_at is not None:
         info["macs"] = {
@@ -394,11 +397,9 @@ class Segmenter:
         self.mode = inference_mode
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.name = name or str(
-            model.metadata.get("name") or model.metadata.get("source") or "segformer"
-        )
+        self.name = name or str(model.metadata.name or model.metadata.source or "segformer")
         self.labels: list[str] = list(model.labels)
-        self.palette: np.ndarray = visualize.palette_for(self.labels, model.metadata)
+        self.palette: np.ndarray = visualize.palette_for(self.labels, model.metadata.palette)
         self._label_dtype = np.uint8 if len(self.labels) <= 256 else np.uint16
 
     @classmethod
@@ -416,8 +417,6 @@ class Segmenter:
         """Load a model (built-in name, checkpoint file, Hugging Face folder or hub id — anything
         ``segformer.load`` takes; ``None``: the package's built-in model) and wrap it. Other
         options go to ``Segmenter(...)`` (``batch_size``, ``max_pixels``, ``crop_size`` …)."""
-        from segformer.weights.builtin import DEFAULT_MODEL
-        from segformer.weights.checkpoints import load_segmentation_model
 
         model = load_segmentation_model(name_or_path, revision=revision)
         options.setdefault("name", str(name_or_path or DEFAULT_MODEL))

@@ -36,7 +36,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
+from tqdm import tqdm
 
 from segformer.errors import ImageError, SegformerError
 from segformer.inference.segmenter import SegmentationResult, Segmenter, atomic_path, write_atomic
@@ -165,7 +167,6 @@ def _get(q: queue.Queue, failure: _Failure) -> Any:
 
 
 def _open_input(path: Path) -> tuple[Any, Any]:
-    import av
 
     name = str(path)
     if not path.is_file():
@@ -214,7 +215,6 @@ def _decode_frames(
     max_frames: int | None,
     seen: dict[str, Any],
 ) -> None:
-    import av
 
     try:
         index = 0
@@ -248,7 +248,6 @@ def _decode_frames(
 def _open_encoder(
     container: Any, format_name: str, rate: Fraction, width: int, height: int, codec: str | None
 ) -> Any:
-    import av
 
     candidates = (codec,) if codec else _ENCODERS.get(format_name, ("libx264", "mpeg4"))
     problems = []
@@ -445,7 +444,6 @@ class _Encoder:
         self.share_sums = np.zeros(len(self.labels), dtype=np.float64)
 
     def run(self, q: queue.Queue, failure: _Failure) -> None:
-        import av
 
         bar = None
         output = None
@@ -453,8 +451,6 @@ class _Encoder:
             output = av.open(str(self.path), "w", format=self.format_name)
             stream = None
             if self.show_progress:
-                from tqdm import tqdm
-
                 bar = tqdm(
                     total=self.total, unit="frame", desc=Path(self.name).name, dynamic_ncols=True
                 )

@@ -3,7 +3,7 @@
 Palettes: the standard colours of ADE20K (150 classes), Cityscapes (19 training classes) and
 CamVid (11 classes, SegNet's colours); any other label set gets a generated palette of
 distinct colours that is the same on every run. ``palette_for(labels, metadata)`` picks one:
-the model's own palette (``metadata["palette"]``) first, then a known data set whose label
+the model's own palette (its metadata's ``palette``) first, then a known data set whose label
 names (or count, for generic names) match, then a generated one.
 """
 
@@ -13,7 +13,7 @@ import colorsys
 import functools
 import re
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -146,11 +146,11 @@ def generate_palette(count: int) -> Palette:
     return colours
 
 
-def palette_for(labels: Sequence[str], metadata: dict[str, Any] | None = None) -> Palette:
-    """The palette (K, 3) uint8 for a model's labels: ``metadata["palette"]`` when it has one
-    colour per label, else a matching known data set's colours, else a generated palette."""
+def palette_for(labels: Sequence[str], stored: Sequence[Sequence[int]] | None = None) -> Palette:
+    """The palette (K, 3) uint8 for a model's labels: its own (``stored``, e.g. the model
+    metadata's palette) when that has one colour per label, else a matching known data set's
+    colours, else a generated palette."""
     count = len(labels)
-    stored = (metadata or {}).get("palette")
     if stored is not None:
         array = np.asarray(stored)
         if array.shape == (count, 3) and array.min() >= 0 and array.max() <= 255:
@@ -161,9 +161,8 @@ def palette_for(labels: Sequence[str], metadata: dict[str, Any] | None = None) -
     return generate_palette(count)
 
 
-def palette_name(labels: Sequence[str], metadata: dict[str, Any] | None = None) -> str:
+def palette_name(labels: Sequence[str], stored: Sequence[Sequence[int]] | None = None) -> str:
     """Where ``palette_for``'s colours come from: "model", a data set name, or "generated"."""
-    stored = (metadata or {}).get("palette")
     if stored is not None and np.asarray(stored).shape == (len(labels), 3):
         return "model"
     return match_dataset(labels) or "generated"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segformer.models.config import SegformerConfig
+from segformer.models.metadata import ModelMetadata
 
 # LayerNorms inside the patch embedding and the key/value reduction use PyTorch's default eps
 # in every reference implementation; only the block and stage norms follow the config.
@@ -343,8 +344,8 @@ class SegformerForSemanticSegmentation(nn.Module):
         # A classifier that starts near zero gives first losses of about ln(num_labels),
         # instead of many times that under the He init the other convs get.
         nn.init.normal_(self.decode_head.classifier.weight, std=0.01)
-        # Filled in by segformer.weights.checkpoints: labels' palette, preprocessing, licence, source.
-        self.metadata: dict = {}
+        # Filled in by segformer.weights.checkpoints: palette, preprocessing, licence, source …
+        self.metadata = ModelMetadata()
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.decode_head(self.encoder(pixel_values))
@@ -367,7 +368,7 @@ class SegformerForImageClassification(nn.Module):
         self.encoder = MixTransformer(config)
         self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels)
         init_weights(self, config.initializer_range)
-        self.metadata: dict = {}
+        self.metadata = ModelMetadata()
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         last = self.encoder(pixel_values)[-1]  # (B, C, H/32, W/32)

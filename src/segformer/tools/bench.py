@@ -39,16 +39,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
+from PIL import Image
 
 from segformer.errors import SegformerError
-from segformer.inference.engine import (
-    FastSegformer,
-    create_engine,
-    labels_from_logits,
-)
+from segformer.inference.backends.base import cache_dir
+from segformer.inference.engine import create_engine
+from segformer.inference.labels import labels_from_logits
+from segformer.inference.processing import ImageProcessor, read_image
+from segformer.models.config import VARIANTS, SegformerConfig
+from segformer.models.fast import FastSegformer
+from segformer.models.macs import count_macs, macs_of
 from segformer.models.segformer import SegformerForSemanticSegmentation
 from segformer.tools.allocator import allocator_in_use
+from segformer.weights.checkpoints import load, save
 
 log = logging.getLogger("segformer")
 
@@ -145,7 +151,6 @@ def executed_macs(
         shadow = SegformerForSemanticSegmentation(model.config).eval()
         fast = FastSegformer(shadow)
         pixels = torch.empty(batch, model.config.num_channels, *size)
-    from segformer.inference.modes import macs_of
 
     return macs_of(fast, pixels)
 
@@ -161,8 +166,6 @@ def variant_table(
     """Parameters and GMACs of every MiT variant with ``num_labels`` classes at ``size`` (by
     default the paper's ADE20K size: 512², B5 640²): the model as published and the work
     ``FastSegformer`` does."""
-    from segformer.inference.modes import count_macs
-    from segformer.models.config import VARIANTS, SegformerConfig
 
     rows = []
     for name in VARIANTS:
@@ -256,8 +259,6 @@ def transformers_model(
     Hugging Face-layout folder written by ``segformer.save``), in eval mode."""
     import transformers
 
-    from segformer.weights.checkpoints import save
-
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="segformer-bench-") as folder:
@@ -322,7 +323,6 @@ def sample_pixels(
 ) -> torch.Tensor:
     """Model input for a job: ``image`` (a real photo, which label agreement needs) resized and
     normalised by the model's processor, or, without one, a smooth synthetic image."""
-    from segformer.inference.processing import ImageProcessor, read_image
 
     processor = ImageProcessor.from_model(model).replace(
         size=size, do_resize=True, keep_ratio=False, shortest_edge=None
@@ -431,7 +431,6 @@ def run_model_job(
 def _model_macs(
     model: SegformerForSemanticSegmentation, size: tuple[int, int], batch: int
 ) -> dict[str, float]:
-    from segformer.inference.modes import count_macs
 
     return {
         # As published (the paper's "GFLOPs" convention); MACs grow linearly with the batch.
@@ -448,7 +447,6 @@ def photo_pipeline(
 ) -> Callable[[str | os.PathLike[str]], torch.Tensor]:
     """Our path from an image file to full-resolution labels: decode, preprocess (the model's
     processor), engine, ``labels_from_logits``."""
-    from segformer.inference.processing import ImageProcessor, read_image
 
     processor = ImageProcessor.from_model(model)
     engine = create_engine(model, backend=backend, precision=precision, device=device)
@@ -465,10 +463,7 @@ def transformers_photo_pipeline(
     model: SegformerForSemanticSegmentation, device: str = "cpu"
 ) -> Callable[[str | os.PathLike[str]], torch.Tensor]:
     """transformers' path: PIL decode, its image processor, its model, its post-processing."""
-    from PIL import Image
     from transformers import SegformerImageProcessorPil
-
-    from segformer.inference.processing import ImageProcessor
 
     ours = ImageProcessor.from_model(model)
     processor = SegformerImageProcessorPil(
@@ -505,7 +500,6 @@ def run_photo_job(
     """Time a photo file to full-resolution labels (decode → preprocess → model → labels) with
     our pipeline per engine and with transformers', interleaved. Reports whether each label
     map is identical to the exact reference (upsample-then-argmax of the exact logits)."""
-    from segformer.inference.processing import ImageProcessor, read_image
 
     image = str(image)
     candidates: dict[str, Callable[[], torch.Tensor]] = {}
@@ -682,8 +676,6 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     task = spec["task"]
     if task == "compile":
-        from segformer.weights.checkpoints import load
-
         model = load(spec["model"])
         pixels = torch.randn(1, 3, *spec["size"])
         started = time.perf_counter()
@@ -695,8 +687,6 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         )
         return {"first_call_s": first, "steady_ms": steady * 1e3}
     if task == "rss":
-        from segformer.weights.checkpoints import load
-
         model = load(spec["model"])
         if spec["runner"] == TRANSFORMERS:
             if spec["photo"]:
@@ -802,10 +792,8 @@ def save_results(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 def save_chart(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """A PNG bar chart: median time per engine for each job, transformers first, with the
     ratio to it written on every bar."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     jobs = [job for job in results.get("jobs", []) if job.get("results")]
     if not jobs:
@@ -856,7 +844,6 @@ def new_results(peak: bool = True) -> dict[str, Any]:
 def default_results_path() -> Path:
     """Where ``segformer bench`` writes its JSON unless told otherwise (the server's
     comparison page reads it from there)."""
-    from segformer.inference.engine import cache_dir
 
     return cache_dir() / "bench.json"
 

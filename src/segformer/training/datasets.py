@@ -22,6 +22,7 @@ size mismatches, unreadable files) and counts class pixels on the way.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from segformer.errors import DataError, ImageError
+from segformer.inference import processing
 from segformer.inference.visualize import (
     ADE20K_LABELS,
     ADE20K_PALETTE,
@@ -109,19 +111,20 @@ def binary_table() -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------
-def read_image(source: str | os.PathLike[str] | Image.Image, name: str | None = None) -> np.ndarray:
+def read_image_array(
+    source: str | os.PathLike[str] | Image.Image, name: str | None = None
+) -> np.ndarray:
     """An image (file or PIL image) as uint8 RGB (H, W, 3), decoded exactly as prediction
     decodes it (``segformer.inference.processing.read_image``: EXIF orientation applied, transparency on
     white)."""
-    from segformer.inference.processing import read_image as decode
 
     try:
-        return np.array(decode(source, max_pixels=None, name=name))
+        return np.array(processing.read_image(source, max_pixels=None, name=name))
     except ImageError as exc:
         raise DataError(str(exc)) from None
 
 
-def read_mask(
+def read_mask_array(
     source: str | os.PathLike[str] | Image.Image,
     palette: Sequence[Sequence[int]] | None = None,
     name: str | None = None,
@@ -129,11 +132,10 @@ def read_mask(
     """A stored mask as uint8 (H, W), decoded as ``segformer.inference.processing.read_mask`` decodes
     label images (palette PNGs give their indices; colour masks are read through ``palette``,
     colour k → k); values must fit 0..255, where 255 is "ignore"."""
-    from segformer.inference.processing import read_mask as decode
 
     label = name or str(source)
     try:
-        values = decode(source, max_pixels=None, name=label, palette=palette)
+        values = processing.read_mask(source, max_pixels=None, name=label, palette=palette)
     except ImageError as exc:
         raise DataError(str(exc)) from None
     if values.dtype != np.uint8:
@@ -150,7 +152,7 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(height, width) as ``read_image`` returns the image, from the file header alone."""
+    """(height, width) as ``read_image_array`` returns the image, from the file header alone."""
     try:
         with Image.open(path) as image:
             height, width = image.height, image.width
@@ -236,10 +238,10 @@ class SegmentationDataset(Dataset):
         return image_size(self.pairs[index][0])
 
     def read_image(self, index: int) -> np.ndarray:
-        return read_image(self.pairs[index][0])
+        return read_image_array(self.pairs[index][0])
 
     def read_stored_mask(self, index: int) -> np.ndarray:
-        return read_mask(self.pairs[index][1], self.mask_palette)
+        return read_mask_array(self.pairs[index][1], self.mask_palette)
 
     def read_label(self, index: int) -> np.ndarray:
         return self.table[self.read_stored_mask(index)]
@@ -295,8 +297,6 @@ class HFSegmentationDataset(SegmentationDataset):
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-            import io
-
             try:
                 return Image.open(
                     io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
@@ -313,11 +313,11 @@ class HFSegmentationDataset(SegmentationDataset):
 
     def read_image(self, index: int) -> np.ndarray:
         source = self.describe(index)
-        return read_image(self._cell(self.images, self.image_column, index, source), source)
+        return read_image_array(self._cell(self.images, self.image_column, index, source), source)
 
     def read_stored_mask(self, index: int) -> np.ndarray:
         source = self.mask_source(index)
-        return read_mask(
+        return read_mask_array(
             self._cell(self.masks, self.mask_column, index, source), self.mask_palette, source
         )
 

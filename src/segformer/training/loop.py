@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from segformer.errors import DataError, SegformerError
 from segformer.models.config import VARIANTS, SegformerConfig
+from segformer.models.metadata import ModelMetadata
 from segformer.models.segformer import SegformerForSemanticSegmentation
 from segformer.training import reports
 from segformer.training.config import TrainConfig, read_config_file
@@ -460,7 +461,7 @@ def resolve_labels(
         except SegformerError:
             start = None  # an encoder-only checkpoint has no labels of its own
         if start is not None:
-            return list(start.labels), start.metadata.get("palette"), config.model
+            return list(start.labels), start.metadata.palette, config.model
     return None, None, ""
 
 
@@ -1016,12 +1017,12 @@ def _stop_if_diverged(loss: Tensor, step: int, process: Distributed, checkpoint_
 
 def _export_metadata(
     config: TrainConfig, palette: Any, metrics: SegmentationMetrics | None, step: int
-) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"preprocessing": image_processor(config).to_dict()}
-    if palette:
-        metadata["palette"] = palette
+) -> ModelMetadata:
+    metadata = ModelMetadata(
+        preprocessing=image_processor(config).to_dict(), palette=palette or None
+    )
     if metrics is not None:
-        metadata["metrics"] = {
+        metadata.metrics = {
             "dataset": f"{config.format}:{config.data}",
             "split": config.val_split,
             "mode": config.eval_mode,
@@ -1031,7 +1032,7 @@ def _export_metadata(
                 for n, v in zip(metrics.labels, metrics.iou, strict=True)
             },
         }
-    metadata["training"] = {
+    metadata.training = {
         "steps": step,
         "model": config.model,
         "recipe": dataclasses.asdict(config),

@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from segformer.inference.segmenter import Segmenter
+from segformer.training.datasets import eval_loader
 
 IGNORE_INDEX = 255
 
@@ -59,7 +64,6 @@ class ConfusionMatrix:
     def all_reduce(self) -> None:
         """Sum the counts of every process (a no-op without torch.distributed). Integer sums
         are exact, so distributed results equal single-process ones bit for bit."""
-        import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             # NCCL reduces only GPU tensors; gloo only CPU ones.
@@ -206,8 +210,6 @@ def evaluate(
     names = list(labels or segmenter.labels)
     confusion = ConfusionMatrix(len(names))
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, unit="batch", desc="evaluating", dynamic_ncols=True)
     for items in batches:
         results = segmenter([item["image"].numpy() for item in items], batch_size=len(items))
@@ -234,10 +236,6 @@ def evaluate_dataset(
     "slide" or an ``InferenceMode``), preprocessing with ``processor`` (default: the model's
     own). Under torch.distributed, each process takes every N-th image and the counts are
     summed, so the result equals a single-process run exactly."""
-    import torch.distributed as dist
-
-    from segformer.inference.segmenter import Segmenter
-    from segformer.training.datasets import eval_loader
 
     rank, world = (
         (dist.get_rank(), dist.get_world_size())

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from segformer.inference.segmenter import write_atomic
+from segformer.inference.visualize import palette_for
 from segformer.training.metrics import SegmentationMetrics
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
@@ -30,19 +32,16 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(figure: Any, path: Path) -> Path:
-    from segformer.inference.segmenter import write_atomic
 
     return write_atomic(path, lambda file: figure.savefig(file, format="png"))
 
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
-    from segformer.inference.segmenter import write_atomic
 
     return write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_text(text: str, path: str | os.PathLike[str]) -> Path:
-    from segformer.inference.segmenter import write_atomic
 
     return write_atomic(path, text.encode())
 
@@ -107,7 +106,6 @@ def plot_per_class_iou(
     figure = _figure(8, max(3.0, 0.28 * count + 1.2))
     axis = figure.subplots()
     ious = np.nan_to_num(metrics.iou * 100, nan=0.0)
-    from segformer.inference.visualize import palette_for
 
     rgb = palette_for(metrics.labels, {"palette": palette} if palette is not None else None)
     colours = [tuple(c / 255 for c in rgb[i]) for i in range(count)]

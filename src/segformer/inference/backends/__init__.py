@@ -1,0 +1,2 @@
+"""One module per inference backend (``base`` holds what they share); ``segformer.inference.engine``
+chooses between them."""
