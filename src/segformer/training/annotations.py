@@ -26,6 +26,7 @@ import functools
 import json
 import re
 import urllib.parse
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,7 +452,10 @@ def coco_mask(index: CocoIndex, image: Path) -> np.ndarray:
         if shape is None:
             continue
         try:
-            mask = coco_mask.decode(shape).astype(bool)
+            with warnings.catch_warnings():
+                # pycocotools 2.0 builds its array in a way numpy 2 deprecates; harmless here.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mask = coco_mask.decode(shape).astype(bool)
         except Exception as exc:  # a malformed compressed RLE string
             raise DataError(
                 f"{source}: annotation {annotation.get('id')} has an unreadable RLE ({exc})"

@@ -694,8 +694,9 @@ def _open_tool_export(
     elif format == "voc":
         pairs, labels = tools.voc_pairs(root, split, unpaired), list(tools.VOC_LABELS)
         palette = tools.voc_palette(len(labels))
-        # Masks saved again as RGB (by an editor) still read through VOC's colours.
-        mask_palette = mask_palette or palette
+        # Masks saved again as RGB (by an editor) still read through VOC's colours; all 256
+        # of them (distinct), so the border colour reads as 255 too.
+        mask_palette = mask_palette or tools.voc_palette(256)
     elif format == "cvat":
         pairs, labels, palette = tools.cvat_pairs(root, split, unpaired)
         mask_palette = palette
