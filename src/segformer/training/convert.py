@@ -104,12 +104,12 @@ def convert_dataset(
             taken: set[str] = set()
             for index in range(len(dataset)):
                 image, label = dataset.load(index)  # decoded, so sizes and labels are checked
-                if names is not None and label[label != 255].max(initial=0) >= len(names):
+                top = int(label[label != 255].max(initial=0)) if (label != 255).any() else -1
+                if names is not None and top >= len(names):
                     raise DataError(
-                        f"{dataset.mask_source(index)}: label {int(label[label != 255].max())} "
-                        f"but there are {len(names)} classes"
+                        f"{dataset.mask_source(index)}: label {top}, but there are {len(names)} classes"
                     )
-                largest = max(largest, int(label[label != 255].max(initial=-1)))
+                largest = max(largest, top)
                 source = Path(dataset.describe(index))
                 name = _unique_name(source.stem, taken)
                 if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
