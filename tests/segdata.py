@@ -78,3 +78,61 @@ def write_ade20k(root: Path, samples: list[tuple[np.ndarray, np.ndarray]], split
         save_png(image, root / "images" / folder / f"ADE_{folder}_{i:08d}.png")
         save_png(stored, root / "annotations" / folder / f"ADE_{folder}_{i:08d}.png")
     return root
+
+
+# ---------------------------------------------------------------------------------------
+# Encoders of the annotation tools' mask formats, written from their documentation
+# ---------------------------------------------------------------------------------------
+def coco_rle_counts(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE: run lengths over the pixels in column-major order, starting
+    with a run of zeros (empty when the first pixel is set)."""
+    flat = np.asarray(mask, bool).T.ravel()
+    counts, current, run = [], False, 0
+    for value in flat:
+        if value == current:
+            run += 1
+        else:
+            counts.append(run)
+            current, run = value, 1
+    counts.append(run)
+    return counts
+
+
+def brush_rle(values: np.ndarray, literal_prefix: int = 3) -> list[int]:
+    """Label Studio's brush RLE (the @thi.ng/rle-pack stream) of a flat uint8 array: a
+    header (32-bit count, 5-bit word size − 1, four 4-bit run-length widths − 1), then chunks
+    (1 bit repeat, 2 bits width choice, run length − 1, value or values), bytes filled from
+    the most significant bit. The first ``literal_prefix`` values go in one literal chunk so
+    both chunk kinds occur."""
+    widths = [3, 4, 8, 16]
+    bits: list[int] = []
+
+    def put(value: int, width: int) -> None:
+        bits.extend((value >> (width - 1 - i)) & 1 for i in range(width))
+
+    flat = np.asarray(values, np.uint8).ravel()
+    put(len(flat), 32)
+    put(8 - 1, 5)
+    for width in widths:
+        put(width - 1, 4)
+    start = 0
+    if literal_prefix:
+        put(0, 1)
+        put(0, 2)
+        put(literal_prefix - 1, widths[0])
+        for value in flat[:literal_prefix]:
+            put(int(value), 8)
+        start = literal_prefix
+    while start < len(flat):
+        end = start
+        while end < len(flat) and flat[end] == flat[start] and end - start < 1 << 16:
+            end += 1
+        length = end - start
+        choice = next(i for i, w in enumerate(widths) if length - 1 < 1 << w)
+        put(1, 1)
+        put(choice, 2)
+        put(length - 1, widths[choice])
+        put(int(flat[start]), 8)
+        start = end
+    bits.extend([0] * (-len(bits) % 8))
+    return [int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8)]

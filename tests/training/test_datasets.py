@@ -280,7 +280,7 @@ def test_preflight_scan_names_the_bad_file(tmp_path):
     with pytest.raises(DataError, match="not a CamVid"):
         open_dataset(tmp_path / "labels", "camvid", "train")
     with pytest.raises(DataError, match="unknown dataset format"):
-        open_dataset(tmp_path / "labels", "coco", "train")
+        open_dataset(tmp_path / "labels", "pascal", "train")
 
 
 def test_scan_counts_pixels_and_derives_class_weights(tmp_path):

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from segformer.cli.predict import add_mode_arguments, mode_from_args
 from segformer.errors import DataError
+from segformer.training.config import DATASET_FORMATS as FORMATS
 
 log = logging.getLogger("segformer")
-
-FORMATS = ("folder", "binary", "list", "camvid", "ade20k", "cityscapes", "hf")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("yes", "no"),
         default=None,
         help="0 → ignore, k → k−1 (default: yes for ade20k only)",
+    )
+    data.add_argument(
+        "--background",
+        choices=("yes", "no"),
+        default="yes",
+        help="coco, labelstudio: pixels no object covers are class 0 'background' (yes) or ignored",
     )
     data.add_argument("--image-column", help="hf format: image column")
     data.add_argument("--mask-column", help="hf format: annotation column")
@@ -110,6 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
         reduce_labels=reduce,
         image_column=args.image_column,
         mask_column=args.mask_column,
+        background=args.background == "yes",
     )
     names = read_labels_file(args.labels)[0] if args.labels else dataset.labels
     if names is not None and len(names) != len(model.labels):

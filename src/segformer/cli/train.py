@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train from scratch (--model b0 … b5), from an ImageNet MiT encoder, or fine-tune any "
             "segmentation checkpoint on a dataset (--format camvid, ade20k, cityscapes, folder, "
-            "binary, list, hf). Writes checkpoints, TensorBoard events, plots, metrics.json and the "
+            "binary, list, hf, coco, voc, cvat, roboflow, labelstudio). Writes checkpoints, TensorBoard events, plots, metrics.json and the "
             "best model (OUTPUT_DIR/best, loadable with segformer.load) into --output-dir."
         ),
     )

@@ -20,7 +20,10 @@ import yaml
 from segformer.errors import SegformerError
 
 # Kept in step with segformer.training.datasets.FORMATS (data imports torch; this module must not).
-DATASET_FORMATS = ("folder", "binary", "list", "camvid", "ade20k", "cityscapes", "hf")
+DATASET_FORMATS = (
+    "folder", "binary", "list", "camvid", "ade20k", "cityscapes", "hf",
+    "coco", "voc", "cvat", "roboflow", "labelstudio",
+)  # fmt: skip
 PRECISIONS = ("fp32", "bf16", "fp16")
 CLASS_WEIGHTING = ("median-frequency", "enet")
 
@@ -42,6 +45,7 @@ class TrainConfig:
     reduce_labels: bool | None = None
     image_column: str | None = None
     mask_column: str | None = None
+    background: bool = True
     # model
     model: str = "b0"
     drop_path_rate: float | None = None
@@ -192,6 +196,8 @@ HELP: dict[str, str] = {
     "reduce_labels": "map 0 → ignore and k → k−1 (default: on for ade20k only)",
     "image_column": "hf format: the image column (default: auto-detected)",
     "mask_column": "hf format: the annotation column (default: auto-detected)",
+    "background": "coco, labelstudio: pixels no object covers are class 0 'background' (true) "
+    "or ignored (false)",
     "model": "a variant (b0 … b5) to train from scratch, or a checkpoint to start from: an ImageNet "
     "MiT encoder, or a segmentation model (its head is re-made when the label set differs)",
     "drop_path_rate": "stochastic depth at the last encoder block (default: 0.1, or the checkpoint's)",

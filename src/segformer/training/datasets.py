@@ -15,6 +15,11 @@ table from stored mask values to train ids:
     cityscapes  leftImg8bit/<split>/<city> + gtFine/…_labelIds.png → the 19 train ids
     hf          a Hugging Face ``datasets`` dataset on local disk (image + annotation
                 columns, as scene_parse_150), from ``save_to_disk`` or local data files
+    coco, voc, cvat, roboflow, labelstudio
+                annotation tools' exports (``segformer.training.annotations``)
+
+A ``labels.json`` at the root of a folder dataset names its classes (and colours), as
+``segformer data convert`` writes it.
 
 ``scan`` checks a whole dataset before training (masks that do not fit the label set,
 size mismatches, unreadable files) and counts class pixels on the way.
@@ -28,7 +33,6 @@ import logging
 import os
 import random
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +74,13 @@ CITYSCAPES_TRAIN_IDS = {
 
 BINARY_LABELS = ["background", "foreground"]
 
-FORMATS = ("folder", "binary", "list", "camvid", "ade20k", "cityscapes", "hf")
+FORMATS = (
+    "folder", "binary", "list", "camvid", "ade20k", "cityscapes", "hf",
+    "coco", "voc", "cvat", "roboflow", "labelstudio",
+)  # fmt: skip
+# Formats whose masks are drawn from shapes; their unlabelled pixels are a background class
+# or ignore (the ``background`` setting).
+DRAWN_FORMATS = ("coco", "labelstudio")
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,6 +332,32 @@ class HFSegmentationDataset(SegmentationDataset):
         )
 
 
+@dataclass
+class DrawnMaskDataset(SegmentationDataset):
+    """Images whose masks are drawn from an annotation file (COCO, Label Studio): ``pairs``
+    are (image, annotation file). Each process parses a file once, on first use, so the
+    dataset stays small to send to loader workers."""
+
+    kind: str = "coco"
+    background: bool = True
+    # The class names the annotation file's label names map to, before any reduce_labels.
+    drawn_labels: list[str] | None = None
+
+    def mask_source(self, index: int) -> str:
+        image, annotations = self.pairs[index]
+        return f"{annotations} ({image.name})"
+
+    def read_stored_mask(self, index: int) -> np.ndarray:
+        from segformer.training import annotations as tools
+
+        image, path = self.pairs[index]
+        if self.kind == "coco":
+            return tools.coco_mask(tools.coco_index(path, self.background), image)
+        return tools.labelstudio_mask(
+            tools.labelstudio_index(path), image, self.drawn_labels or [], self.background
+        )
+
+
 # ---------------------------------------------------------------------------------------
 # Finding pairs on disk
 # ---------------------------------------------------------------------------------------
@@ -331,9 +367,12 @@ def _images_in(folder: Path) -> list[Path]:
     )
 
 
-def match_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+def match_by_stem(
+    image_dir: Path, mask_dir: Path, unpaired: list[str] | None = None
+) -> list[tuple[Path, Path]]:
     """Pair every image with the mask at the same relative path and stem (any image suffix,
-    optionally ``_mask``/``_label``/… appended). An image without a mask is an error."""
+    optionally ``_mask``/``_label``/… appended). An image without a mask is an error, or,
+    when ``unpaired`` is a list, noted there and left out."""
     masks: dict[tuple[str, ...], Path] = {}
     for path in _images_in(mask_dir):
         masks[path.relative_to(mask_dir).with_suffix("").parts] = path
@@ -349,14 +388,18 @@ def match_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
             None,
         )
         if mask is None:
-            raise DataError(
-                f"{image}: no mask for this image in {mask_dir} (looked for {key[-1]}.png and similar)"
-            )
+            problem = f"{image}: no mask for this image in {mask_dir} (looked for {key[-1]}.png and similar)"
+            if unpaired is None:
+                raise DataError(problem)
+            unpaired.append(problem)
+            continue
         pairs.append((image, mask))
     return pairs
 
 
-def folder_pairs(root: Path, split: str | None) -> list[tuple[Path, Path]]:
+def folder_pairs(
+    root: Path, split: str | None, unpaired: list[str] | None = None
+) -> list[tuple[Path, Path]]:
     """Pairs from root/images[/split] + root/masks[/split], or root/split/images + masks."""
     tried = []
     for base in ([root / split] if split else []) + [root]:
@@ -367,7 +410,7 @@ def folder_pairs(root: Path, split: str | None) -> list[tuple[Path, Path]]:
                     layouts.insert(0, (root / images_name / split, root / masks_name / split))
                 for image_dir, mask_dir in layouts:
                     if image_dir.is_dir() and mask_dir.is_dir():
-                        return match_by_stem(image_dir, mask_dir)
+                        return match_by_stem(image_dir, mask_dir, unpaired)
         tried.append(f"{base}/images + {base}/masks")
     where = f"{root}/images/{split} + {root}/masks/{split}, " if split else ""
     raise DataError(
@@ -398,25 +441,32 @@ def list_pairs(root: Path, split: str | None) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _png_masks_mirroring(image_dir: Path, mask_dir: Path, noun: str) -> list[tuple[Path, Path]]:
+def _png_masks_mirroring(
+    image_dir: Path, mask_dir: Path, noun: str, unpaired: list[str] | None = None
+) -> list[tuple[Path, Path]]:
     """Each image under ``image_dir`` with the PNG at the same relative path under
-    ``mask_dir``; a missing one is an error naming it as ``noun``."""
+    ``mask_dir``; a missing one is an error naming it as ``noun`` (or noted in ``unpaired``)."""
     pairs = []
     for image in _images_in(image_dir):
         mask = mask_dir / image.relative_to(image_dir).with_suffix(".png")
         if not mask.is_file():
-            raise DataError(f"{image}: missing {noun} {mask}")
+            if unpaired is None:
+                raise DataError(f"{image}: missing {noun} {mask}")
+            unpaired.append(f"{image}: missing {noun} {mask}")
+            continue
         pairs.append((image, mask))
     return pairs
 
 
-def camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+def camvid_pairs(
+    root: Path, split: str, unpaired: list[str] | None = None
+) -> list[tuple[Path, Path]]:
     image_dir, mask_dir = root / split, root / f"{split}annot"
     if not image_dir.is_dir() or not mask_dir.is_dir():
         raise DataError(
             f"{root}: not a CamVid (SegNet layout) folder: expected {split}/ and {split}annot/"
         )
-    return _png_masks_mirroring(image_dir, mask_dir, "mask")
+    return _png_masks_mirroring(image_dir, mask_dir, "mask", unpaired)
 
 
 _ADE_SPLITS = {
@@ -427,14 +477,16 @@ _ADE_SPLITS = {
 }
 
 
-def ade20k_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+def ade20k_pairs(
+    root: Path, split: str, unpaired: list[str] | None = None
+) -> list[tuple[Path, Path]]:
     folder = _ADE_SPLITS.get(split, split)
     image_dir, mask_dir = root / "images" / folder, root / "annotations" / folder
     if not image_dir.is_dir() or not mask_dir.is_dir():
         raise DataError(
             f"{root}: not an ADEChallengeData2016 folder: expected images/{folder}/ and annotations/{folder}/"
         )
-    return _png_masks_mirroring(image_dir, mask_dir, "annotation")
+    return _png_masks_mirroring(image_dir, mask_dir, "annotation", unpaired)
 
 
 def ade20k_labels(root: Path) -> list[str] | None:
@@ -541,9 +593,14 @@ def open_dataset(
     image_column: str | None = None,
     mask_column: str | None = None,
     mask_palette: list[list[int]] | None = None,
+    background: bool | None = None,
+    unpaired: list[str] | None = None,
 ) -> SegmentationDataset:
     """Open split ``split`` of the dataset at ``root`` stored in ``format`` (one of
-    ``FORMATS``). ``reduce_labels`` (0 → ignore, k → k−1) defaults to on for ade20k only."""
+    ``FORMATS``). ``reduce_labels`` (0 → ignore, k → k−1) defaults to on for ade20k only.
+    ``background`` (coco, labelstudio): pixels no object covers are class 0 "background"
+    (default) or ignore. ``unpaired``: a list to note images without a mask in (they are left
+    out) instead of failing on the first; ``segformer data check`` reports them all."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such dataset folder")
@@ -554,16 +611,24 @@ def open_dataset(
     palette: list[list[int]] | None = None
     table = identity_table()
     if format in ("folder", "binary"):
-        pairs = folder_pairs(root, split)
+        pairs = folder_pairs(root, split, unpaired)
         if format == "binary":
             table, labels = binary_table(), list(BINARY_LABELS)
+        elif (root / "labels.json").is_file():
+            labels, palette = read_labels_file(root / "labels.json")
+            # Colour masks are read through the same colours the labels file gives.
+            mask_palette = mask_palette or palette
     elif format == "list":
         pairs = list_pairs(root, split)
     elif format == "camvid":
-        pairs, table = camvid_pairs(root, split or "train"), camvid_table()
+        pairs, table = camvid_pairs(root, split or "train", unpaired), camvid_table()
         labels, palette = list(CAMVID_LABELS), [list(c) for c in CAMVID_PALETTE]
+    elif format in ("coco", "voc", "cvat", "roboflow", "labelstudio"):
+        return _open_tool_export(
+            root, format, split, name, reduce_labels, mask_palette, background, unpaired
+        )
     elif format == "ade20k":
-        pairs = ade20k_pairs(root, split or "train")
+        pairs = ade20k_pairs(root, split or "train", unpaired)
         labels = ade20k_labels(root) or list(ADE20K_LABELS)
         palette = [list(c) for c in ADE20K_PALETTE] if len(labels) == len(ADE20K_PALETTE) else None
         reduce_labels = True if reduce_labels is None else reduce_labels
@@ -597,6 +662,64 @@ def open_dataset(
         table = reduce_labels_table()[table]
     if not pairs:
         raise DataError(f"{name}: no images found")
+    return SegmentationDataset(
+        name=name,
+        pairs=pairs,
+        table=table,
+        labels=labels,
+        palette=palette,
+        mask_palette=mask_palette,
+    )
+
+
+def _open_tool_export(
+    root: Path,
+    format: str,
+    split: str | None,
+    name: str,
+    reduce_labels: bool | None,
+    mask_palette: list[list[int]] | None,
+    background: bool | None,
+    unpaired: list[str] | None,
+) -> SegmentationDataset:
+    from segformer.training import annotations as tools
+
+    split = split or "train"
+    background = True if background is None else background
+    table, palette = identity_table(), None
+    if format == "coco":
+        pairs, labels = tools.coco_pairs(root, split, background, unpaired)
+    elif format == "labelstudio":
+        pairs, labels = tools.labelstudio_pairs(root, split, background, unpaired)
+    elif format == "voc":
+        pairs, labels = tools.voc_pairs(root, split, unpaired), list(tools.VOC_LABELS)
+        palette = tools.voc_palette(len(labels))
+        # Masks saved again as RGB (by an editor) still read through VOC's colours; all 256
+        # of them (distinct), so the border colour reads as 255 too.
+        mask_palette = mask_palette or tools.voc_palette(256)
+    elif format == "cvat":
+        pairs, labels, palette = tools.cvat_pairs(root, split, unpaired)
+        mask_palette = palette
+    else:  # roboflow
+        pairs, classes = tools.roboflow_pairs(root, split, unpaired)
+        table, labels = tools.roboflow_table(classes)
+    drawn_labels = list(labels)
+    if reduce_labels:
+        table = reduce_labels_table()[table]
+        labels, palette = labels[1:], palette[1:] if palette else None
+    if not pairs:
+        raise DataError(f"{name}: no images found")
+    if format in DRAWN_FORMATS:
+        return DrawnMaskDataset(
+            name=name,
+            pairs=pairs,
+            table=table,
+            labels=labels,
+            palette=palette,
+            kind=format,
+            background=background,
+            drawn_labels=drawn_labels,
+        )
     return SegmentationDataset(
         name=name,
         pairs=pairs,
@@ -644,62 +767,22 @@ class ScanReport:
         return [float(w) for w in weights]
 
 
-def _scan_one(
-    dataset: SegmentationDataset, index: int, num_labels: int
-) -> tuple[str | None, np.ndarray | None]:
-    try:
-        height, width = dataset.image_size(index)
-        label = dataset.read_label(index)
-    except DataError as exc:
-        return str(exc), None
-    if label.shape != (height, width):
-        return (
-            f"{dataset.describe(index)}: image is {width}×{height} but its mask {dataset.mask_source(index)} "
-            f"is {label.shape[1]}×{label.shape[0]}"
-        ), None
-    counts = np.bincount(label.ravel(), minlength=256)
-    bad = np.nonzero(counts[num_labels:])[0] + num_labels
-    bad = bad[bad != dataset.ignore_index]
-    if len(bad):
-        stored = np.nonzero(dataset.table == bad[0])[0]
-        value = (
-            f"stored value {int(stored[0])} → label {int(bad[0])}"
-            if stored[0] != bad[0]
-            else f"label {int(bad[0])}"
-        )
-        return (
-            f"{dataset.mask_source(index)}: {value}, but there are {num_labels} classes "
-            f"(0..{num_labels - 1}, {dataset.ignore_index} = ignore)"
-        ), None
-    return None, counts
-
-
 def scan(dataset: SegmentationDataset, num_labels: int, workers: int = 4) -> ScanReport:
-    """Read every mask (and every image header) once; raise DataError naming the first bad
-    file: unreadable, image/mask sizes differ, or labels ≥ ``num_labels`` other than ignore."""
+    """Read every mask (and every image header) once; raise DataError naming the bad files,
+    one kind of problem after another: unreadable, image/mask sizes differ, colour masks,
+    labels ≥ ``num_labels`` other than ignore. The checks are those of ``segformer data
+    check`` (``segformer.training.datacheck.check_dataset``)."""
+    from segformer.training.datacheck import check_dataset
+
     if len(dataset) == 0:
         raise DataError(f"{dataset.name}: the dataset is empty")
-    class_pixels = np.zeros(num_labels, dtype=np.int64)
-    present_pixels = np.zeros(num_labels, dtype=np.int64)
-    ignored = 0
-    problems: list[str] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda i: _scan_one(dataset, i, num_labels), range(len(dataset)))
-        for problem, counts in results:
-            if problem is not None:
-                problems.append(problem)
-                continue
-            class_pixels += counts[:num_labels]
-            present_pixels += np.where(counts[:num_labels] > 0, counts.sum(), 0)
-            ignored += int(counts[dataset.ignore_index])
+    report = check_dataset(dataset, num_labels, workers=workers, advice=False)
+    problems = [
+        line for line in report.problem_lines() if not line.startswith("no labelled pixels")
+    ]
     if problems:
-        more = (
-            f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
-            if len(problems) > 1
-            else ""
-        )
-        raise DataError(problems[0] + more)
-    return ScanReport(len(dataset), class_pixels, present_pixels, ignored)
+        raise DataError("; ".join(problems))
+    return report.scan_report()
 
 
 # ---------------------------------------------------------------------------------------

@@ -424,6 +424,7 @@ def open_split(
             reduce_labels=config.reduce_labels,
             image_column=config.image_column,
             mask_column=config.mask_column,
+            background=config.background,
         )
         for name in split.split("+")
     ]
