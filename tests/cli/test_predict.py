@@ -103,7 +103,8 @@ def test_folder_run_writes_the_promised_files(model_dir, inputs, tmp_path, capsy
     with open(out / "summary.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 4 and sum(r["status"] == "ok" for r in rows) == 3
-    assert not list(out.rglob(".*"))  # no temporary files left
+    assert not list(out.rglob(".*.tmp*"))  # no temporary files left
+    assert sorted(p.name for p in (out / ".segformer").iterdir()) == ["manifest-rank0.jsonl"]
 
 
 def test_files_globs_and_name_clashes(model_dir, inputs, tmp_path, capsys):
@@ -113,7 +114,7 @@ def test_files_globs_and_name_clashes(model_dir, inputs, tmp_path, capsys):
         "--model", str(model_dir), "--out", str(out), "--no-overlay",
     )  # fmt: skip
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if p.name != ".segformer") == [
         "street.json", "street.png", "summary.csv", "summary.json", "x-2.json", "x-2.png", "x.json", "x.png",
     ]  # fmt: skip
     assert "error" not in capsys.readouterr().err

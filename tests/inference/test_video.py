@@ -4,6 +4,7 @@ right frame count, size, frame rate, orientation and one CSV row per frame."""
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import av
@@ -152,3 +153,61 @@ def test_video_detection(tmp_path):
     (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     assert not is_video(tmp_path / "photo.png")
     assert output_suffix("a.flv") == ".mp4"
+
+
+def _changed_box(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """Width and height of the box around the pixels that differ between two frames."""
+    rows, cols = np.nonzero(np.abs(a.astype(int) - b.astype(int)).max(-1) > 8)
+    return (int(cols.max()) + 1, int(rows.max()) + 1) if rows.size else (0, 0)
+
+
+def test_video_legend_is_small_and_scales_with_the_frame(segmenter, tmp_path):
+    source = write_clip(tmp_path / "in.mkv", frames=2, width=480, height=360, codec="ffv1", pix_fmt="yuv444p")  # fmt: skip
+    boxes = {}
+    for legend in (True, False):
+        out = tmp_path / f"out-{legend}.mkv"
+        segment_video(segmenter, source, out, codec="ffv1", legend=legend)
+        with av.open(str(out)) as container:
+            boxes[legend] = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    width, height = _changed_box(boxes[True], boxes[False])
+    # three classes: three rows, in the top-left corner, well under a tenth of the frame
+    assert 0 < width <= 480 * 0.25 and 0 < height <= 360 * 0.2
+    assert width * height <= 0.06 * 480 * 360
+
+
+def test_inside_legend_folds_small_classes_and_spaces_words():
+    from PIL import Image
+
+    from segformer.inference.segmenter import ClassShare
+    from segformer.inference.visualize import add_legend
+
+    names = ["road", "sky", "building", "tree", "car", "sidewalk", "pedestrian", "fence", "pole"]
+    entries = [
+        ClassShare(i, n, 10, 0.3 / (i + 1), (255, 40 * i % 256, 0)) for i, n in enumerate(names)
+    ]
+    background = (0, 0, 255)
+    sizes = {}
+    for frame_h in (360, 1080):
+        frame = Image.new("RGB", (frame_h * 4 // 3, frame_h), background)
+        drawn = np.asarray(add_legend(frame, entries, "inside"))
+        width, height = _changed_box(drawn, np.asarray(frame))
+        assert width * height <= 0.06 * frame.width * frame.height  # ≈ 96×78 at 480×360
+        sizes[frame_h] = height
+        colours = {tuple(c) for c in drawn.reshape(-1, 3)}
+        shown = [e for e in entries if tuple(e.color) in colours]
+        assert shown == entries[:4]  # four largest, then "+5 more"
+    assert sizes[1080] > 2 * sizes[360]  # the text grows with the frame
+    # "+5 more": the last row has a gap of at least 3 blank columns between the two words
+    frame = Image.new("RGB", (480, 360), background)
+    drawn = np.asarray(add_legend(frame, entries, "inside")).astype(int)
+    text_row = drawn[sizes[360] - 16 : sizes[360] - 3, :60]
+    ink = (text_row.min(-1) > 120).any(0)  # light text on the dark box
+    runs, previous, start = [], False, 0
+    for x, value in enumerate([*ink, False]):
+        if value and not previous:
+            start = x
+        if previous and not value:
+            runs.append((start, x))
+        previous = value
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(runs)]
+    assert max(gaps) >= 3, runs

@@ -1,46 +1,25 @@
-"""``segformer predict``: segment images, folders, globs and videos into an output folder.
+"""``segformer predict``: segment images, folders, globs, list files and videos into an
+output folder, resumably and, under torchrun, sharded across ranks. The work is done by
+``segformer.inference.batch.run_batch``; this module parses the command line and prints.
 
-For each image ``DIR/<stem>.png`` (label map, palette PNG), ``DIR/<stem>_overlay.png`` and
-``DIR/<stem>.json``; for each video ``DIR/<stem>_overlay.<ext>`` and ``DIR/<stem>_frames.csv``;
-for the run ``DIR/summary.json`` and ``DIR/summary.csv``. Files found in a folder keep their
-path below it (``photos/a/x.jpg`` → ``DIR/a/x.png``) so equal names never overwrite each other;
-remaining clashes get a suffix. A bad file prints one ``error:`` line and the others go on;
-the exit status is 1 when any input failed.
+Per image ``DIR/<stem>.png`` (label map, palette PNG), ``DIR/<stem>_overlay.png`` and
+``DIR/<stem>.json`` (``--save`` picks); per video ``DIR/<stem>_overlay.<ext>`` and
+``DIR/<stem>_frames.csv``; for the run ``DIR/summary.json`` and ``DIR/summary.csv``. A bad
+file prints one ``error:`` line and the others go on; the exit status is 1 when any input
+failed (on rank 0; other ranks exit 0 so that torchrun does not stop the job).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import io
-import json
 import logging
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from segformer.errors import SegformerError
+from segformer.inference.batch import DEFAULT_SAVE, OUTPUT_KINDS
 
 log = logging.getLogger("segformer")
-
-IMAGE_EXTENSIONS = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".jfif",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,15 +27,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="segment images, folders and videos; write label maps, overlays and statistics",
         description=(
-            "Segment images (files, folders searched recursively, glob patterns) and videos. "
-            "Writes DIR/<stem>.png (palette label map), DIR/<stem>_overlay.png, DIR/<stem>.json per "
-            "image; DIR/<stem>_overlay.mp4 (or the source's container) and DIR/<stem>_frames.csv per "
-            "video; DIR/summary.json and DIR/summary.csv for the run."
+            "Segment images (files, folders searched recursively, glob patterns, list files) and "
+            "videos. Writes DIR/<stem>.png (palette label map), DIR/<stem>_overlay.png and "
+            "DIR/<stem>.json per image (see --save); DIR/<stem>_overlay.mp4 (or the source's "
+            "container) and DIR/<stem>_frames.csv per video; DIR/summary.json and "
+            "DIR/summary.csv for the run. Run it again with the same arguments to finish an "
+            "interrupted run: finished inputs are skipped. Under torchrun each rank takes every "
+            "N-th input."
         ),
     )
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image or video files, folders, or glob patterns"
+        "inputs", nargs="*", metavar="INPUT", help="image or video files, folders, or glob patterns"
     )
+    parser.add_argument(
+        "--from-list", action="append", default=[], metavar="FILE",
+        help="also segment the files listed in FILE, one path per line (# comments); repeatable",
+    )  # fmt: skip
     parser.add_argument(
         "--out", "-o", required=True, metavar="DIR", help="output folder (created if needed)"
     )
@@ -68,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_mode_arguments(parser)
     out = parser.add_argument_group("output")
+    out.add_argument(
+        "--save", type=_save_kinds, default=",".join(DEFAULT_SAVE), metavar="KINDS",
+        help="image outputs, comma-separated from labels, overlay, json (default: all three)",
+    )  # fmt: skip
     out.add_argument(
         "--opacity", type=float, default=0.5, help="overlay colour opacity, 0–1 (default 0.5)"
     )
@@ -94,11 +84,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--backend", default="auto", help="inference engine backend (default: auto)")
     run.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads per process (default: the cores, divided among torchrun's local ranks)",
+    )  # fmt: skip
+    run.add_argument(
         "--max-pixels", type=_max_pixels, default="100000000", metavar="N",
         help="refuse images larger than N pixels; 0 for no limit (default 100000000)",
     )  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_predict)
+
+
+def _save_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in OUTPUT_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"--save takes a comma-separated list of {', '.join(OUTPUT_KINDS)}, not {text!r}"
+        )
+    return kinds
 
 
 def _max_pixels(text: str) -> int | None:
@@ -175,307 +179,90 @@ def _pair(values: list[int] | None, flag: str) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    path: Path
-    stem: str  # output name without extension, may contain folders ("a/b/x")
-    video: bool
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
-def _wanted(path: Path) -> bool:
-    from segformer.inference.video import VIDEO_EXTENSIONS
-
-    return path.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
-
-
-def collect_jobs(inputs: list[str], out_dir: Path) -> tuple[list[Job], list[tuple[str, str]]]:
-    """The files to process, each with a unique output stem, and the inputs that matched
-    nothing (with why). Folders are searched recursively for image and video extensions;
-    files named explicitly are always tried. Anything inside ``out_dir`` is skipped, so a
-    second run over a folder does not segment the first run's overlays."""
-    from segformer.inference.video import is_video
-
-    out_resolved = out_dir.resolve()
-    found: list[tuple[Path, str]] = []  # (file, preferred stem)
-    problems: list[tuple[str, str]] = []
-    for text in inputs:
-        path = Path(text).expanduser()
-        if path.is_file():
-            found.append((path, path.stem))
-        elif path.is_dir():
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and _wanted(p) and not _is_inside(p, out_resolved)
-            )
-            if not files:
-                problems.append((text, "folder holds no image or video files"))
-            found.extend((p, p.relative_to(path).with_suffix("").as_posix()) for p in files)
-        else:
-            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
-            files = [m for m in matches if m.is_file() and not _is_inside(m, out_resolved)]
-            for folder in (m for m in matches if m.is_dir()):
-                files.extend(sorted(p for p in folder.rglob("*") if p.is_file() and _wanted(p)))
-            if not files:
-                reason = (
-                    "no files match this pattern"
-                    if glob.has_magic(text)
-                    else "no such file or folder"
-                )
-                problems.append((text, reason))
-            found.extend((p, p.stem) for p in files)
-
-    jobs: list[Job] = []
-    seen_files: set[Path] = set()
-    # output stem (lower case: some file systems ignore case) → the extension that took it
-    taken: dict[str, str] = {"summary": ""}
-    for path, stem in found:
-        key = path.resolve()
-        if key in seen_files:
-            continue
-        seen_files.add(key)
-        suffix = path.suffix.lower()
-        unique = stem
-        if unique.lower() in taken and suffix and taken[unique.lower()] != suffix:
-            unique = f"{stem}_{suffix.lstrip('.')}"  # photo.jpg beside photo.png → photo_jpg
-        number = 2
-        while unique.lower() in taken:
-            unique = f"{stem}-{number}"
-            number += 1
-        taken[unique.lower()] = suffix
-        jobs.append(Job(path, unique, is_video(path)))
-    return jobs, problems
-
-
-# ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
-def _error_line(text: str, path: Path | str) -> str:
-    """``error: <file>: <reason>``, naming the file once."""
-    return f"error: {text}" if str(path) in text else f"error: {path}: {text}"
-
-
-def _top_classes(classes: list[Any], count: int = 5) -> str:
-    return "; ".join(f"{c.name} {c.share * 100:.1f}%" for c in classes[:count])
-
-
 def run_predict(args: argparse.Namespace) -> int:
-    from segformer.inference.segmenter import Segmenter, write_atomic
+    from segformer.inference.batch import Ranks
 
-    out_dir = Path(args.out).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SegformerError(f"{out_dir}: exists and is not a folder")
+    if not args.inputs and not args.from_list:
+        raise SegformerError("nothing to segment: give INPUT paths or --from-list FILE")
     if not 0.0 <= args.opacity <= 1.0:
         raise SegformerError("--opacity must be between 0 and 1")
     if args.batch_size < 1:
         raise SegformerError("--batch-size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise SegformerError("--threads must be at least 1")
+    if isinstance(args.save, str):
+        args.save = _save_kinds(args.save)
+    save = tuple(k for k in args.save if not (args.no_overlay and k == "overlay"))
+    if not save:
+        raise SegformerError("--no-overlay with --save overlay leaves nothing to write")
     mode = mode_from_args(args)
-    jobs, problems = collect_jobs(args.inputs, out_dir)
-    for text, reason in problems:
-        print(f"error: {text}: {reason}", file=sys.stderr)
-    if not jobs:
-        raise SegformerError("nothing to segment: no readable inputs given")
+    ranks = Ranks.from_environment()
+    try:
+        return _run(args, mode, save, ranks)
+    finally:
+        ranks.close()
 
+
+def _run(args: argparse.Namespace, mode: Any, save: tuple[str, ...], ranks: Any) -> int:
+    import torch
+
+    from segformer.inference.batch import BatchOptions, default_threads, run_batch
+    from segformer.inference.segmenter import Segmenter
+
+    device = args.device
+    if ranks.world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{ranks.local_rank}"  # one GPU per local rank
+    torch.set_num_threads(args.threads or default_threads(ranks.local_world_size))
     segmenter = Segmenter.from_pretrained(
         args.model,
-        device=args.device,
+        device=device,
         precision=args.precision,
         backend=args.backend,
         mode=mode,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels,
     )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SegformerError(
-            f"{out_dir}: cannot create the output folder ({exc.strerror or exc})"
-        ) from None
-    log.info("%r on %d input(s) → %s", segmenter, len(jobs), out_dir)
-
-    records: list[dict[str, Any]] = [
-        {"input": text, "kind": "unknown", "status": "error", "error": reason}
-        for text, reason in problems
-    ]
-    started = time.perf_counter()
-    images = [job for job in jobs if not job.video]
-    videos = [job for job in jobs if job.video]
-    legend = not args.no_legend
-    if images:
-        records.extend(_run_images(segmenter, images, out_dir, args, legend))
-    for job in videos:
-        records.append(_run_video(segmenter, job, out_dir, args, legend))
-    seconds = time.perf_counter() - started
-
-    failures = [r for r in records if r["status"] != "ok"]
-    done_images = sum(1 for r in records if r["status"] == "ok" and r["kind"] == "image")
-    summary = {
-        "model": segmenter.name,
-        "mode": segmenter.mode.to_dict(),
-        "device": segmenter.device,
-        "backend": getattr(segmenter.engine, "backend", None),
-        "precision": getattr(segmenter.engine, "precision", None),
-        "inputs": len(records),
-        "succeeded": len(records) - len(failures),
-        "failed": len(failures),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(done_images / seconds, 3) if seconds and done_images else None,
-        "results": records,
-    }
-    write_atomic(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    write_atomic(out_dir / "summary.csv", _summary_csv(records))
-    rate = f" ({done_images / seconds:.2f} images/s)" if done_images and seconds else ""
+    if ranks.rank == 0:
+        where = f" on {ranks.world_size} ranks" if ranks.world_size > 1 else ""
+        log.info(
+            "%r, %d thread(s) per process%s → %s",
+            segmenter,
+            torch.get_num_threads(),
+            where,
+            args.out,
+        )
+    options = BatchOptions(
+        save=save,
+        opacity=args.opacity,
+        legend=not args.no_legend,
+        max_frames=args.max_frames,
+        codec=args.codec,
+        show_progress=not args.no_progress,
+    )
+    report = run_batch(
+        segmenter, args.inputs, args.out, lists=args.from_list, options=options, ranks=ranks
+    )
+    if ranks.rank != 0:
+        return 0
+    counts = report.counts
+    rate = f" ({report.images_per_second:.2f} images/s)" if report.images_per_second else ""
+    skipped = f", {counts.skipped} skipped (finished by an earlier run)" if counts.skipped else ""
+    ranks_text = f" on {ranks.world_size} ranks" if ranks.world_size > 1 else ""
     print(
-        f"segmented {len(records) - len(failures)} of {len(records)} input(s) in {seconds:.1f} s{rate}; outputs in {out_dir}",
+        f"segmented {report.inputs - counts.failed - counts.skipped} of {report.inputs} input(s)"
+        f"{skipped}, {counts.failed} failed, in {report.seconds:.1f} s{rate}{ranks_text}; "
+        f"outputs in {args.out}",
         file=sys.stderr,
     )
-    if failures:
+    if counts.failed:
+        more = ", …" if counts.failed > len(report.failures) else ""
         print(
-            f"error: {len(failures)} of {len(records)} input(s) failed: "
-            + ", ".join(r["input"] for r in failures),
+            f"error: {counts.failed} of {report.inputs} input(s) failed: "
+            + ", ".join(report.failures)
+            + more,
             file=sys.stderr,
         )
         return 1
     return 0
-
-
-def _progress(total: int, unit: str, disable: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, disable=disable, dynamic_ncols=True, file=sys.stderr)
-
-
-def _run_images(
-    segmenter: Any, jobs: list[Job], out_dir: Path, args: argparse.Namespace, legend: bool
-) -> Iterator[dict[str, Any]]:
-    records = []
-    with _progress(len(jobs), "img", args.no_progress) as bar:
-        results = segmenter.imap((job.path for job in jobs), errors="return")
-        for job, result in zip(jobs, results, strict=True):
-            record: dict[str, Any] = {"input": str(job.path), "kind": "image"}
-            if isinstance(result, SegformerError):
-                bar.write(_error_line(str(result), job.path), file=sys.stderr)
-                record.update(status="error", error=str(result))
-            else:
-                try:
-                    paths = result.save(
-                        out_dir,
-                        job.stem,
-                        opacity=args.opacity,
-                        overlay=not args.no_overlay,
-                        legend=legend,
-                    )
-                except OSError as exc:
-                    message = f"{job.path}: cannot write outputs ({exc.strerror or exc})"
-                    bar.write(f"error: {message}", file=sys.stderr)
-                    record.update(status="error", error=message)
-                else:
-                    record.update(
-                        status="ok",
-                        outputs={
-                            kind: str(path.relative_to(out_dir)) for kind, path in paths.items()
-                        },
-                        width=result.width,
-                        height=result.height,
-                        classes=[c.to_dict() for c in result.classes],
-                        timings=result.timings.to_dict(),
-                    )
-            records.append(record)
-            bar.update(1)
-    return records
-
-
-def _run_video(
-    segmenter: Any, job: Job, out_dir: Path, args: argparse.Namespace, legend: bool
-) -> dict[str, Any]:
-    from segformer.inference.video import output_suffix, segment_video
-
-    record: dict[str, Any] = {"input": str(job.path), "kind": "video"}
-    video_path = out_dir / f"{job.stem}_overlay{output_suffix(job.path)}"
-    csv_path = out_dir / f"{job.stem}_frames.csv"
-    try:
-        result = segment_video(
-            segmenter,
-            job.path,
-            video_path,
-            stats_csv=csv_path,
-            opacity=args.opacity,
-            legend=legend,
-            codec=args.codec,
-            max_frames=args.max_frames,
-            show_progress=not args.no_progress,
-        )
-    except SegformerError as exc:
-        print(_error_line(str(exc), job.path), file=sys.stderr)
-        record.update(status="error", error=str(exc))
-        return record
-    data = result.to_dict()
-    record.update(
-        status="ok",
-        outputs={
-            "overlay": str(video_path.relative_to(out_dir)),
-            "frames_csv": str(csv_path.relative_to(out_dir)),
-        },
-        width=result.width,
-        height=result.height,
-        frames=result.frames,
-        fps=data["fps"],
-        codec=result.codec,
-        padded=result.padded,
-        classes=[{"name": name, "share": share} for name, share in data["class_shares"].items()],
-        seconds=data["seconds"],
-    )
-    return record
-
-
-def _summary_csv(records: list[dict[str, Any]]) -> bytes:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(
-        [
-            "input",
-            "kind",
-            "status",
-            "error",
-            "width",
-            "height",
-            "frames",
-            "top_classes",
-            "total_ms",
-            "outputs",
-        ]
-    )
-    for r in records:
-        classes = r.get("classes") or []
-        top = "; ".join(f"{c['name']} {c['share'] * 100:.1f}%" for c in classes[:5])
-        total_ms = (
-            r.get("timings", {}).get("total_ms", "")
-            if r["kind"] == "image"
-            else (round(r["seconds"] * 1000, 1) if "seconds" in r else "")
-        )
-        outputs = " ".join(sorted((r.get("outputs") or {}).values()))
-        writer.writerow(
-            [
-                r["input"],
-                r["kind"],
-                r["status"],
-                r.get("error", ""),
-                r.get("width", ""),
-                r.get("height", ""),
-                r.get("frames", ""),
-                top,
-                total_ms,
-                outputs,
-            ]
-        )
-    return text.getvalue().encode()

@@ -183,25 +183,30 @@ class SegmentationResult:
         opacity: float = 0.5,
         overlay: bool = True,
         legend: bool | str = True,
+        kinds: Sequence[str] | None = None,
     ) -> dict[str, Path]:
         """Write ``<stem>.png`` (label map, see ``label_png``), ``<stem>_overlay.png`` (unless
         ``overlay=False``) and ``<stem>.json`` (``to_dict`` plus the file names) into
-        ``out_dir``. ``stem`` may contain folders (``"a/b/photo"``). Each file appears whole
-        or not at all. Returns the paths by kind."""
+        ``out_dir``; ``kinds`` (a subset of ``"labels"``, ``"overlay"``, ``"json"``) picks
+        the files instead. ``stem`` may contain folders (``"a/b/photo"``). Each file appears
+        whole or not at all. Returns the paths by kind."""
+        if kinds is None:
+            kinds = ("labels", "overlay", "json") if overlay else ("labels", "json")
         base = Path(out_dir) / stem
         base.parent.mkdir(parents=True, exist_ok=True)
-        paths = {"labels": base.with_name(base.name + ".png")}
-        write_atomic(paths["labels"], self.label_png())
-        if overlay:
-            paths["overlay"] = base.with_name(base.name + "_overlay.png")
+        names = {"labels": ".png", "overlay": "_overlay.png", "json": ".json"}
+        paths = {kind: base.with_name(base.name + names[kind]) for kind in names if kind in kinds}
+        if "labels" in paths:
+            write_atomic(paths["labels"], self.label_png())
+        if "overlay" in paths:
             picture = self.overlay(opacity, legend)
             write_atomic(
                 paths["overlay"], lambda f: picture.save(f, format="PNG", compress_level=4)
             )
-        paths["json"] = base.with_name(base.name + ".json")
-        record = self.to_dict()
-        record["files"] = {kind: path.name for kind, path in paths.items() if kind != "json"}
-        write_atomic(paths["json"], (json.dumps(record, indent=2) + "\n").encode())
+        if "json" in paths:
+            record = self.to_dict()
+            record["files"] = {kind: path.name for kind, path in paths.items() if kind != "json"}
+            write_atomic(paths["json"], (json.dumps(record, indent=2) + "\n").encode())
         return paths
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import math
 import re
 from collections.abc import Sequence
 from typing import Protocol
@@ -249,12 +250,32 @@ def _legend_rows(
     return rows
 
 
+def _spaced(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, size: int) -> str:
+    """``text`` with each space repeated until it is at least a quarter of the font size wide:
+    the bundled font's space is 2 px at small sizes, which ran "+4 more" together."""
+    if " " not in text:
+        return text
+    space = max(font.getlength(" "), 1.0)
+    return text.replace(" ", " " * max(1, math.ceil(size * 0.25 / space)))
+
+
+def _geometry(font_size: int, compact: bool) -> tuple[int, int]:
+    """(padding, row height) for a font size; ``compact`` for the in-frame video legend."""
+    if compact:
+        return max(3, round(font_size * 0.4)), round(font_size * 1.35)
+    return max(4, round(font_size * 0.6)), round(font_size * 1.5)
+
+
 def _draw_rows(
-    draw: ImageDraw.ImageDraw, rows, origin: tuple[int, int], font_size: int, width: int
+    draw: ImageDraw.ImageDraw,
+    rows,
+    origin: tuple[int, int],
+    font_size: int,
+    width: int,
+    compact: bool = False,
 ) -> None:
     font = _font(font_size)
-    pad = max(4, round(font_size * 0.6))
-    row_h = round(font_size * 1.5)
+    pad, row_h = _geometry(font_size, compact)
     swatch = font_size
     x0, y = origin[0] + pad, origin[1] + pad
     for colour, name, share in rows:
@@ -265,7 +286,11 @@ def _draw_rows(
             )
         text_y = y + row_h // 2
         draw.text(
-            (x0 + swatch + pad // 2 + 2, text_y), name, font=font, fill=(240, 240, 240), anchor="lm"
+            (x0 + swatch + pad // 2 + 2, text_y),
+            _spaced(name, font, font_size),
+            font=font,
+            fill=(240, 240, 240),
+            anchor="lm",
         )
         draw.text(
             (origin[0] + width - pad, text_y), share, font=font, fill=(200, 200, 200), anchor="rm"
@@ -273,15 +298,16 @@ def _draw_rows(
         y += row_h
 
 
-def _legend_width(rows, font_size: int) -> int:
+def _legend_width(rows, font_size: int, compact: bool = False) -> int:
     font = _font(font_size)
-    pad = max(4, round(font_size * 0.6))
-    name_w = max(font.getlength(name) for _, name, _ in rows)
+    pad, _ = _geometry(font_size, compact)
+    name_w = max(font.getlength(_spaced(name, font, font_size)) for _, name, _ in rows)
     share_w = max(font.getlength(share) for _, _, share in rows)
     return int(pad + font_size + pad // 2 + 2 + name_w + 1.5 * pad + share_w + pad + 0.5)
 
 
 LEGEND_BACKGROUND = (32, 33, 36)
+INSIDE_ROWS = 5  # in-frame legend: the four largest classes and "+N more"
 
 
 def add_legend(
@@ -305,17 +331,20 @@ def add_legend(
         _draw_rows(ImageDraw.Draw(canvas), rows, (width, 0), font_size, panel_w)
         return canvas
     if placement == "inside":
-        font_size = int(np.clip(round(height / 32), 11, 28))
-        pad = max(4, round(font_size * 0.6))
-        fit = max(1, (height - 2 * pad) // round(font_size * 1.5))
-        rows = _legend_rows(entries, min(max_rows, 8, fit))
-        box_w = min(_legend_width(rows, font_size), width)
-        box_h = 2 * pad + len(rows) * round(font_size * 1.5)
+        # Drawn over every video frame, so it must stay small: the font scales with the frame
+        # (10 px at 360 rows, 28 at 1008+), rows are tight and at most INSIDE_ROWS are shown
+        # (the smallest classes fold into "+N more"): about 5 % of a 480×360 frame.
+        font_size = int(np.clip(round(height / 36), 10, 28))
+        pad, row_h = _geometry(font_size, compact=True)
+        fit = max(1, (height - 2 * pad) // row_h)
+        rows = _legend_rows(entries, min(max_rows, INSIDE_ROWS, fit))
+        box_w = min(_legend_width(rows, font_size, compact=True), width)
+        box_h = 2 * pad + len(rows) * row_h
         base = image.convert("RGBA")
         layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
         draw = ImageDraw.Draw(layer)
-        draw.rectangle((0, 0, box_w, box_h), fill=(*LEGEND_BACKGROUND, 190))
-        _draw_rows(draw, rows, (0, 0), font_size, box_w)
+        draw.rectangle((0, 0, box_w - 1, box_h - 1), fill=(*LEGEND_BACKGROUND, 190))
+        _draw_rows(draw, rows, (0, 0), font_size, box_w, compact=True)
         return Image.alpha_composite(base, layer).convert("RGB")
     raise ValueError(f"legend placement must be 'side' or 'inside', not {placement!r}")
 
