@@ -17,6 +17,7 @@ headers every answer carries. ``install_middleware`` adds them in the order that
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -29,6 +30,8 @@ from segformer.server.pool import PoolFull
 from segformer.server.settings import MB, Settings
 from segformer.server.state import IMAGE_UPLOAD, SLOT_KEY, VIDEO_UPLOAD, running_state
 
+# How long a refusal for being busy waits before it is sent (see _refuse_busy).
+REFUSAL_PAUSE_S = 0.5
 # Room for the multipart framing and the small form fields around an upload.
 MULTIPART_OVERHEAD = 64 * 1024
 SECURITY_HEADERS = [
@@ -189,6 +192,10 @@ class Admission:
 
 
 async def _refuse_busy(send: Send, what: str, retry_after: int) -> None:
+    # A client that ignores Retry-After and retries at once would spin, and its CPU comes out
+    # of the workers' share of the machine: answering after a short pause (an idle coroutine,
+    # no cost here) holds it to a few attempts a second. Retry-After is never shorter.
+    await asyncio.sleep(REFUSAL_PAUSE_S)
     # The connection is kept: the ASGI server discards the unread body before the next request.
     message = busy_message(what, retry_after)
     await send_json(send, 503, message, headers={"Retry-After": str(retry_after)})
