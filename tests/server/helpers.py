@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
@@ -236,3 +237,36 @@ BENCH_SAMPLE = {
         },
     ],
 }  # fmt: skip
+
+
+def multipart(name: str, filename: str, data: bytes, **fields: str) -> tuple[bytes, str]:
+    """A multipart/form-data body as httpx encodes it, and its Content-Type."""
+    request = httpx.Request(
+        "POST", "http://test/", files={name: (filename, data, "image/png")}, data=fields
+    )
+    return request.read(), request.headers["content-type"]
+
+
+def upload_head(path: str, content_type: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length (what the app always sends), read from a
+    socket that may carry more after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside a response"
+        body += chunk
+    return int(status_line.split()[1]), headers, body

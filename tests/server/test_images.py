@@ -17,6 +17,7 @@ from segformer.server.store import TOKEN
 from tests.server.helpers import (
     LABELS,
     assert_one_line_error,
+    client_for,
     png_bytes,
     segment,
     served,
@@ -136,6 +137,16 @@ def test_truncated_image_is_422(client: TestClient) -> None:
     data = png_bytes()
     detail = assert_one_line_error(segment(client, data[: len(data) // 2], "cut.png"), 422)
     assert "truncated" in detail or "corrupt" in detail
+
+
+def test_refusals_name_the_uploaded_file(model_dir: Path, tmp_path: Path) -> None:
+    """A 1×1 image is a real image the model cannot take (the built-in model keeps an image's
+    size; the tiny one would resize it): the message names the upload."""
+    with client_for(model_dir, tmp_path, models=[]) as client:
+        detail = assert_one_line_error(segment(client, png_bytes(1, 1), "dot.png"), 422)
+        assert detail.startswith("dot.png: 1×1 is too small") and "<" not in detail
+        detail = assert_one_line_error(segment(client, b"GIF89a" + bytes(50), "anim.gif"), 415)
+        assert detail.startswith("anim.gif: ")
 
 
 def test_invalid_options_are_one_line_422(client: TestClient) -> None:

@@ -27,6 +27,7 @@ def test_model_specs() -> None:
         Settings(models=["/a/b0", "/b/b0"])
     for bad in (
         {"workers": 0},
+        {"max_uploads": 0},
         {"queue_size": -1},
         {"request_timeout": 0},
         {"port": 70000},
@@ -54,6 +55,7 @@ def test_cli_serve(tmp_path: Path, capsys) -> None:
         "--timeout",
         "--root-path",
         "--bench-results",
+        "--max-uploads",
     ):
         assert flag in help_text
     # a model that cannot be loaded stops the start with a one-line error, before binding
