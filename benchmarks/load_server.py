@@ -147,6 +147,9 @@ def run_clients(
         "busy_503": statuses.get("503", 0),
         "server_cpu_s": round(server_cpu, 1),
         "clients_cpu_s": round(clients_cpu, 1),
+        # On a machine shared with other jobs the server's share of the cores wanders between
+        # runs; images per CPU second of the server does not.
+        "images_per_server_cpu_s": round(len(latencies) / server_cpu, 2) if server_cpu else None,
         "failures": len(failures),
         "failure_examples": failures[:5],
     }
@@ -263,7 +266,8 @@ def _run(
             f"  Retry-After {run['retry']}: {run['images_per_s']} images/s ({run['ok']} ok), latency p50 "
             f"{lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms; 503 busy: {run['busy_503']}, "
             f"other failures: {run['failures']}; statuses {run['statuses']}; CPU s: server "
-            f"{run['server_cpu_s']}, clients {run['clients_cpu_s']}"
+            f"{run['server_cpu_s']}, clients {run['clients_cpu_s']} "
+            f"({run['images_per_server_cpu_s']} images per server CPU s)"
         )
         if run["failure_examples"]:
             print("    e.g. " + "; ".join(run["failure_examples"]))
