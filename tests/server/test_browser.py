@@ -21,13 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server.test_server import (  # noqa: F401 (model_dir is a fixture)
-    BENCH_SAMPLE,
-    make_settings,
-    model_dir,
-    serving,
-    video_bytes,
-)
+from tests.server.helpers import BENCH_SAMPLE, make_settings, serving, video_bytes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -72,10 +66,10 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def site(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     settings = make_settings(model_dir, tmp_path_factory.mktemp("browser"))
-    with serving(settings) as (url, _):
-        yield Site(url, settings.bench_results)
+    with serving(settings) as live:
+        yield Site(live.url, settings.bench_results)
 
 
 @pytest.fixture(scope="module")

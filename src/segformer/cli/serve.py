@@ -80,6 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest image upload in MB (default: %(default)g)",
     )  # fmt: skip
     work.add_argument(
+        "--max-uploads", type=int, metavar="N", default=defaults["max_uploads"].default,
+        help="uploads read at once; beyond that, 503 before the body is read (default: %(default)s)",
+    )  # fmt: skip
+    work.add_argument(
         "--max-pixels", type=int, metavar="N", default=defaults["max_pixels"].default,
         help="largest image in pixels (default: %(default)d)",
     )  # fmt: skip
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.timeout,
         max_upload_bytes=int(args.max_upload_mb * MB),
         max_pixels=args.max_pixels,
+        max_uploads=args.max_uploads,
         video_workers=args.video_workers,
         video_max_upload_bytes=int(args.video_max_upload_mb * MB),
         video_max_frames=args.video_max_frames,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from segformer.errors import ImageError, SegformerError
-from segformer.server.pool import PoolFull, WorkerPool
+from segformer.server.pool import PoolFull, Slot, WorkerPool
 from segformer.server.registry import ModelRegistry
 from segformer.server.settings import Settings
 from segformer.server.store import TOKEN, new_token
@@ -163,10 +163,12 @@ class VideoJobs:
         format: str,
         opacity: float,
         legend: bool,
+        slot: Slot | None = None,
     ) -> VideoJob:
         """Copy ``upload`` into a new job folder, check it is a video within the limits, and
-        queue it. Blocking (file copy, container probe): call from a thread. Raises
-        VideoRefused (415 not a video, 413 over a limit) or PoolFull (503)."""
+        queue it (in ``slot`` when the request reserved one in ``self.pool``). Blocking (file
+        copy, container probe): call from a thread. Raises VideoRefused (415 not a video, 413
+        over a limit) or PoolFull (503)."""
         self.sweep()
         self._make_room()
         job_id = new_token()
@@ -180,7 +182,7 @@ class VideoJobs:
             with self._lock:
                 self._jobs[job_id] = job
             try:
-                job.future = self.pool.submit(self._run, job)
+                job.future = self.pool.submit(self._run, job, slot=slot)
             except PoolFull:
                 with self._lock:
                     self._jobs.pop(job_id, None)

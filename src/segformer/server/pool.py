@@ -2,7 +2,9 @@
 event loop keeps answering while models run, and so that a burst of requests is refused
 quickly (503) instead of piling up in memory.
 
-A task holds its slot until its thread is really done with it: a request that timed out
+A request that uploads its input first takes its slot before the upload is read
+(``reserve``), so that a full pool refuses it before a byte of the body is parsed, and hands
+the slot to its task on ``submit``. A task holds its slot until its thread is really done with it: a request that timed out
 (504) while its task was already running keeps the slot until the model returns, so the
 bound on concurrent work is a true one. A task still waiting in the queue when its request
 gives up is cancelled and frees its slot at once.
@@ -29,6 +31,28 @@ class PoolFull(Exception):
         self.retry_after = retry_after
 
 
+class Slot:
+    """A place in the pool taken before the work is known (its input is still arriving). It
+    goes either to a task (``WorkerPool.submit(..., slot=)``) or back to the pool
+    (``release``); whichever comes first, the other does nothing."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._held = True
+
+    def take(self) -> bool:
+        """Hand the place over to a task; False when it was already given back or taken."""
+        with self._lock:
+            held, self._held = self._held, False
+        return held
+
+    def release(self) -> None:
+        """Give the place back unless a task took it."""
+        if self.take():
+            self._pool._release(None)
+
+
 class WorkerPool:
     """``workers`` threads and room for ``queue_size`` waiting tasks."""
 
@@ -53,14 +77,21 @@ class WorkerPool:
             waves = max(self._in_flight - self.workers + 1, 1) / self.workers
             return max(1, min(120, math.ceil(waves * self._mean_seconds)))
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Start ``fn(*args)`` on a worker, or raise PoolFull."""
+    def reserve(self) -> Slot:
+        """Take a place for a task that is not ready yet, or raise PoolFull."""
         with self._lock:
             full = self._in_flight >= self.capacity
             if not full:
                 self._in_flight += 1
         if full:
             raise PoolFull(self.retry_after())
+        return Slot(self)
+
+    def submit(self, fn: Callable[..., T], *args: Any, slot: Slot | None = None) -> Future[T]:
+        """Start ``fn(*args)`` on a worker in ``slot`` (one reserved earlier) or in a new place;
+        raise PoolFull when there is none."""
+        if slot is None or not slot.take():
+            self.reserve().take()
         started = time.perf_counter()
 
         def timed() -> T:
@@ -78,10 +109,16 @@ class WorkerPool:
         )
         return future
 
-    async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        timeout: float | None = None,
+        slot: Slot | None = None,
+    ) -> T:
         """``fn(*args)`` on a worker, awaited; raises PoolFull when full and TimeoutError when
         it takes longer than ``timeout`` seconds (waiting time included)."""
-        future = self.submit(fn, *args)
+        future = self.submit(fn, *args, slot=slot)
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
 
     def _release(self, seconds: float | None) -> None:

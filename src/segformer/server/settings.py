@@ -63,7 +63,8 @@ class Settings:
     from starting); the others on their first use, unless ``preload``.
     ``workers`` threads run image inference; up to ``queue_size`` more requests wait for one,
     and beyond that the server answers 503 with Retry-After. ``request_timeout``: an image
-    request that has not finished by then gets 504.
+    request that has not finished by then gets 504. ``max_uploads``: request bodies (images and
+    videos) read at once; one more is refused with 503 and Retry-After before its body is read.
     ``video_workers`` / ``video_queue`` / ``max_jobs``: video jobs running, waiting, and kept
     (finished ones are evicted oldest first; each also expires ``job_ttl`` after it finishes).
     ``work_dir``: where video uploads and results are kept while their job lives (a private
@@ -86,6 +87,7 @@ class Settings:
     request_timeout: float = 60.0
     max_upload_bytes: int = 20 * MB
     max_pixels: int = 40_000_000
+    max_uploads: int = 8
 
     result_ttl: float = 600.0
     result_store_bytes: int = 256 * MB
@@ -104,6 +106,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive_ints = ("workers", "max_jobs", "video_workers", "max_upload_bytes", "max_pixels")
+        positive_ints += ("max_uploads",)
         positive_ints += ("video_max_upload_bytes", "video_max_frames", "video_max_pixels")
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
