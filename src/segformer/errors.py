@@ -16,3 +16,17 @@ class ImageError(SegformerError):
 
 class DataError(SegformerError):
     """A dataset problem found before or during training/evaluation."""
+
+
+class InputError(SegformerError):
+    """Prediction inputs or an output folder that cannot be used (a bad list file, outputs
+    that would overwrite an input)."""
+
+
+class VideoRefused(SegformerError):
+    """A video upload the server cannot take as a job; ``status`` is the HTTP status to answer
+    with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -13,7 +13,8 @@ from PIL import Image
 
 from segformer.errors import DataError
 from segformer.training.annotations import decode_brush_rle
-from segformer.training.datasets import open_dataset, scan
+from segformer.training.datacheck import scan
+from segformer.training.datasets import open_dataset
 from tests.segdata import brush_rle, coco_rle_counts, save_png
 
 H, W = 30, 40

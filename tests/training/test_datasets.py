@@ -12,6 +12,7 @@ from PIL import Image
 
 from segformer.errors import DataError
 from segformer.training.config import DATASET_FORMATS
+from segformer.training.datacheck import scan
 from segformer.training.datasets import (
     CITYSCAPES_TRAIN_IDS,
     FORMATS,
@@ -19,10 +20,9 @@ from segformer.training.datasets import (
     EpochSampler,
     eval_loader,
     open_dataset,
-    read_labels_file,
-    scan,
     train_loader,
 )
+from segformer.training.files import read_labels_file
 from tests.conftest import CAMVID, CITYSCAPES_SAMPLE
 from tests.segdata import make_samples, save_png, write_ade20k, write_camvid, write_folder
 

@@ -110,7 +110,7 @@ def _open(args: argparse.Namespace, split: str | None, unpaired: list[str] | Non
 
 def run_check(args: argparse.Namespace) -> int:
     from segformer.training.datacheck import check_dataset, write_preview
-    from segformer.training.datasets import read_labels_file
+    from segformer.training.files import read_labels_file
 
     unpaired: list[str] = []
     dataset = _open(args, args.split, unpaired)
@@ -134,7 +134,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from segformer.training.convert import check_destination, convert_dataset
-    from segformer.training.datasets import read_labels_file
+    from segformer.training.files import read_labels_file
 
     sources = [Path(args.data)]
     check_destination(Path(args.out), sources)  # before reading anything

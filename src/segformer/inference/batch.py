@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from segformer.errors import SegformerError
+from segformer.errors import InputError, SegformerError
 
 IMAGE_EXTENSIONS = (
     ".png",
@@ -66,10 +66,6 @@ RESERVED_STEMS = ("summary", STATE_DIR)
 COLLISION_SUFFIX = "_seg"
 # atomic_path's temporary names: ".<stem>.<8 hex>.tmp<suffix>"
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.[A-Za-z0-9]+)?$")
-
-
-class InputError(SegformerError):
-    """An input list or output folder that cannot be used."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from segformer.errors import ImageError, SegformerError
+from segformer.errors import ImageError, SegformerError, VideoRefused
 from segformer.server.pool import PoolFull, Slot, WorkerPool
 from segformer.server.registry import ModelRegistry
 from segformer.server.settings import Settings
@@ -33,14 +33,6 @@ log = logging.getLogger("segformer.server")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 FORMATS = {"mp4": "video/mp4", "webm": "video/webm"}
-
-
-class VideoRefused(SegformerError):
-    """An upload that cannot become a job; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Stop(Exception):

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from segformer.errors import DataError
+from segformer.training.files import image_size
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -738,7 +739,5 @@ def labelstudio_mask(
                 raise DataError(f"{source}: brush label {label_name!r} is not among {list(names)}")
             objects.append((labels[str(label_name)], mask, False, order))
     if size is None:
-        from segformer.training.datasets import image_size
-
         size = image_size(image)
     return paint_objects(size[0], size[1], objects, background)

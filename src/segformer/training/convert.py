@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from segformer.errors import DataError
+from segformer.inference.visualize import generate_palette
 from segformer.training.datasets import IMAGE_SUFFIXES, SegmentationDataset
 
 log = logging.getLogger("segformer")
@@ -80,8 +81,6 @@ def convert_dataset(
     Class names and colours: ``labels``/``palette`` when given, else the datasets'; without
     names, ``class_<k>`` up to the largest label found. Any mask that cannot be read, or does
     not fit its image, stops the conversion with nothing written."""
-    from segformer.inference.visualize import generate_palette
-
     out = Path(out).expanduser()
     check_destination(out, sources)
     first = next(iter(datasets.values()))

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from segformer.errors import DataError
+from segformer.inference.visualize import blend, generate_palette
 from segformer.training.datasets import IGNORE_INDEX, ScanReport, SegmentationDataset
 
 # Problem kinds, in the order they are reported; each stops training.
@@ -281,8 +282,6 @@ def write_preview(
     """A PNG grid of ``samples`` random images (fixed by ``seed``) with their masks laid over
     them at half opacity and their file names; ignored pixels are grey. Samples that cannot
     be read are skipped. Written through a temporary file, then renamed."""
-    from segformer.inference.visualize import blend, generate_palette
-
     path = Path(path)
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
@@ -323,3 +322,19 @@ def write_preview(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def scan(dataset: SegmentationDataset, num_labels: int, workers: int = 4) -> ScanReport:
+    """Read every mask (and every image header) once; raise DataError naming the bad files,
+    one kind of problem after another: unreadable, image/mask sizes differ, colour masks,
+    labels ≥ ``num_labels`` other than ignore. The checks are those of ``segformer data
+    check`` (``check_dataset``)."""
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.name}: the dataset is empty")
+    report = check_dataset(dataset, num_labels, workers=workers, advice=False)
+    problems = [
+        line for line in report.problem_lines() if not line.startswith("no labelled pixels")
+    ]
+    if problems:
+        raise DataError("; ".join(problems))
+    return report.scan_report()

@@ -28,11 +28,10 @@ size mismatches, unreadable files) and counts class pixels on the way.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from segformer.errors import DataError, ImageError
-from segformer.inference import processing
+from segformer.errors import DataError
 from segformer.inference.visualize import (
     ADE20K_LABELS,
     ADE20K_PALETTE,
@@ -51,6 +49,13 @@ from segformer.inference.visualize import (
     CAMVID_PALETTE,
     CITYSCAPES_LABELS,
     CITYSCAPES_PALETTE,
+)
+from segformer.training import annotations as tools
+from segformer.training.files import (
+    image_size,
+    read_image_array,
+    read_labels_file,
+    read_mask_array,
 )
 
 log = logging.getLogger("segformer")
@@ -116,100 +121,6 @@ def binary_table() -> np.ndarray:
     table = (np.arange(256) >= 128).astype(np.uint8)
     table[1] = 1
     return table
-
-
-# ---------------------------------------------------------------------------------------
-# Reading files
-# ---------------------------------------------------------------------------------------
-def read_image_array(
-    source: str | os.PathLike[str] | Image.Image, name: str | None = None
-) -> np.ndarray:
-    """An image (file or PIL image) as uint8 RGB (H, W, 3), decoded exactly as prediction
-    decodes it (``segformer.inference.processing.read_image``: EXIF orientation applied, transparency on
-    white)."""
-
-    try:
-        return np.array(processing.read_image(source, max_pixels=None, name=name))
-    except ImageError as exc:
-        raise DataError(str(exc)) from None
-
-
-def read_mask_array(
-    source: str | os.PathLike[str] | Image.Image,
-    palette: Sequence[Sequence[int]] | None = None,
-    name: str | None = None,
-) -> np.ndarray:
-    """A stored mask as uint8 (H, W), decoded as ``segformer.inference.processing.read_mask`` decodes
-    label images (palette PNGs give their indices; colour masks are read through ``palette``,
-    colour k → k); values must fit 0..255, where 255 is "ignore"."""
-
-    label = name or str(source)
-    try:
-        values = processing.read_mask(source, max_pixels=None, name=label, palette=palette)
-    except ImageError as exc:
-        raise DataError(str(exc)) from None
-    if values.dtype != np.uint8:
-        if values.size and (values.min() < 0 or values.max() > 255):
-            raise DataError(
-                f"{label}: mask values reach {int(values.max())}; masks must hold 0..255"
-            )
-        values = values.astype(np.uint8)
-    return values
-
-
-# EXIF orientations that turn the stored picture by 90° (so height and width swap).
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
-
-
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(height, width) as ``read_image_array`` returns the image, from the file header alone."""
-    try:
-        with Image.open(path) as image:
-            height, width = image.height, image.width
-            try:
-                orientation = image.getexif().get(0x0112, 1)
-            except Exception:  # unreadable EXIF: read_image shows the pixels as stored too
-                orientation = 1
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
-    return (width, height) if orientation in _TRANSPOSED_ORIENTATIONS else (height, width)
-
-
-def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[str], list[list[int]] | None]:
-    """Class names (and colours) from JSON: a list of names; {"0": "sky", …}; or an object
-    with "labels" (or "id2label") and optionally "palette" ([[r, g, b], …])."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable labels JSON file ({exc})") from None
-    palette = None
-    if isinstance(data, dict) and ("labels" in data or "id2label" in data):
-        palette = data.get("palette")
-        data = data.get("labels", data.get("id2label"))
-    if isinstance(data, dict):
-        try:
-            ids = sorted(int(k) for k in data)
-        except ValueError:
-            raise DataError(f"{path}: label ids must be integers") from None
-        if ids != list(range(len(ids))):
-            raise DataError(f"{path}: label ids must be 0..{len(ids) - 1} without gaps")
-        names = [str(data[str(i)] if str(i) in data else data[i]) for i in ids]
-    elif isinstance(data, list) and all(isinstance(n, str) for n in data):
-        names = list(data)
-    else:
-        raise DataError(f"{path}: expected a list of class names or an object with 'labels'")
-    if not names:
-        raise DataError(f"{path}: no labels")
-    if palette is not None:
-        valid = isinstance(palette, list) and all(
-            isinstance(c, list)
-            and len(c) == 3
-            and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
-            for c in palette
-        )
-        if not valid or len(palette) != len(names):
-            raise DataError(f"{path}: palette must be {len(names)} [r, g, b] triples of 0..255")
-    return names, palette
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,8 +259,6 @@ class DrawnMaskDataset(SegmentationDataset):
         return f"{annotations} ({image.name})"
 
     def read_stored_mask(self, index: int) -> np.ndarray:
-        from segformer.training import annotations as tools
-
         image, path = self.pairs[index]
         if self.kind == "coco":
             return tools.coco_mask(tools.coco_index(path, self.background), image)
@@ -682,8 +591,6 @@ def _open_tool_export(
     background: bool | None,
     unpaired: list[str] | None,
 ) -> SegmentationDataset:
-    from segformer.training import annotations as tools
-
     split = split or "train"
     background = True if background is None else background
     table, palette = identity_table(), None
@@ -765,24 +672,6 @@ class ScanReport:
                 f"unknown class weighting {method!r}: use median-frequency, enet or a list of numbers"
             )
         return [float(w) for w in weights]
-
-
-def scan(dataset: SegmentationDataset, num_labels: int, workers: int = 4) -> ScanReport:
-    """Read every mask (and every image header) once; raise DataError naming the bad files,
-    one kind of problem after another: unreadable, image/mask sizes differ, colour masks,
-    labels ≥ ``num_labels`` other than ignore. The checks are those of ``segformer data
-    check`` (``segformer.training.datacheck.check_dataset``)."""
-    from segformer.training.datacheck import check_dataset
-
-    if len(dataset) == 0:
-        raise DataError(f"{dataset.name}: the dataset is empty")
-    report = check_dataset(dataset, num_labels, workers=workers, advice=False)
-    problems = [
-        line for line in report.problem_lines() if not line.startswith("no labelled pixels")
-    ]
-    if problems:
-        raise DataError("; ".join(problems))
-    return report.scan_report()
 
 
 # ---------------------------------------------------------------------------------------

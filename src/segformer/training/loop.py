@@ -48,16 +48,16 @@ from segformer.models.metadata import ModelMetadata
 from segformer.models.segformer import SegformerForSemanticSegmentation
 from segformer.training import reports
 from segformer.training.config import TrainConfig, read_config_file
+from segformer.training.datacheck import scan
 from segformer.training.datasets import (
     AugmentedDataset,
     HFSegmentationDataset,
     SegmentationDataset,
     eval_loader,
     open_dataset,
-    read_labels_file,
-    scan,
     train_loader,
 )
+from segformer.training.files import read_labels_file
 from segformer.training.metrics import SegmentationMetrics, evaluate
 from segformer.training.transforms import IGNORE_INDEX, TrainTransform
 

@@ -143,6 +143,27 @@ def _match(model: torch.nn.Module, state: StateDict, skip: tuple[str, ...], sour
     model.load_state_dict(given, strict=False)
 
 
+def _agreeing_config(
+    config: SegformerConfig | None, inferred: SegformerConfig, meta: dict[str, Any], source: str
+) -> SegformerConfig:
+    """The config.json that came with the weights, checked against the one their shapes
+    imply; or the inferred one (with mmseg's class names) when there is none."""
+    if config is None:
+        if meta.get("CLASSES") and len(meta["CLASSES"]) == inferred.num_labels:
+            return inferred.with_labels([str(c) for c in meta["CLASSES"]])
+        return inferred
+    for name in ("hidden_sizes", "depths", "mlp_ratios", "sr_ratios"):
+        said, found = getattr(config, name), getattr(inferred, name)
+        if said != found:
+            raise CheckpointError(
+                f"{source}: config.json says {name} {said} but the weights have {found}: "
+                "the config and the weights do not belong together"
+            )
+    if config.num_labels == 0:
+        return replace(config, id2label=inferred.id2label)
+    return config
+
+
 def load(
     name_or_path: str | os.PathLike[str],
     *,
@@ -175,20 +196,7 @@ def load(
     fmt = detect_format(state)
     state = to_our_names(state, fmt)
     inferred, stored_task = infer_config(state, fmt)
-    if config is None:
-        config = inferred
-        if meta.get("CLASSES") and len(meta["CLASSES"]) == config.num_labels:
-            config = config.with_labels([str(c) for c in meta["CLASSES"]])
-    else:
-        for name in ("hidden_sizes", "depths", "mlp_ratios", "sr_ratios"):
-            said, found = getattr(config, name), getattr(inferred, name)
-            if said != found:
-                raise CheckpointError(
-                    f"{source}: config.json says {name} {said} but the weights have {found}: "
-                    "the config and the weights do not belong together"
-                )
-        if config.num_labels == 0:
-            config = replace(config, id2label=inferred.id2label)
+    config = _agreeing_config(config, inferred, meta, source)
     if stored_task == SEGMENTATION and "SegformerForImageClassification" in extras.get(
         "architectures", []
     ):

@@ -10,9 +10,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 
+from segformer.errors import VideoRefused
 from segformer.server import schemas
 from segformer.server.errors import busy, error, responses
-from segformer.server.jobs import DONE, FORMATS, VideoJob, VideoJobs, VideoRefused, read_frame_stats
+from segformer.server.jobs import DONE, FORMATS, VideoJob, VideoJobs, read_frame_stats
 from segformer.server.pool import PoolFull
 from segformer.server.routes.images import display_name
 from segformer.server.settings import MB
