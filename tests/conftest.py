@@ -28,6 +28,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against the reference ``b``."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Move every norm and BatchNorm statistic away from its identity initialisation, so that a
+    parameter wired to the wrong place cannot hide behind ones and zeros."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                module.weight.copy_(1 + 0.2 * torch.randn_like(module.weight))
+                module.bias.copy_(0.2 * torch.randn_like(module.bias))
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(0.3 * torch.randn_like(module.running_mean))
+                module.running_var.copy_(torch.rand_like(module.running_var) + 0.5)
+
+
+def tiny_reference(
+    labels: list[str] | int = 5, depths: tuple[int, ...] = (1, 1, 1, 1), randomized: bool = True
+):
+    """The independent reference: a tiny transformers SegFormer (seeded), with its norms and
+    BatchNorm statistics randomised unless told otherwise."""
+    import transformers
+
+    torch.manual_seed(0)
+    names = [f"class_{i}" for i in range(labels)] if isinstance(labels, int) else labels
+    config = transformers.SegformerConfig(
+        hidden_sizes=[8, 16, 24, 32],
+        depths=list(depths),
+        num_attention_heads=[1, 2, 3, 4],
+        decoder_hidden_size=16,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )
+    reference = transformers.SegformerForSemanticSegmentation(config).eval()
+    if randomized:
+        randomize(reference)
+    return reference
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

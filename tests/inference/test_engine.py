@@ -15,11 +15,7 @@ from segformer.inference.backends.pytorch import TorchEngine
 from segformer.inference.engine import BACKENDS, create_engine, default_backend
 from segformer.inference.labels import labels_from_logits
 from segformer.models.fast import FastSegformer
-from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE, rel, tiny_reference
 
 
 def reference_labels(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -30,23 +26,7 @@ def reference_labels(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 def pair(tmp_path_factory):
     """transformers' model with randomised norms and BatchNorm statistics (so the decoder
     folding has something to fold) and ours loaded from its files: the same weights."""
-    torch.manual_seed(0)
-    config = transformers.SegformerConfig(
-        hidden_sizes=[8, 16, 24, 32],
-        depths=[1, 2, 1, 1],
-        num_attention_heads=[1, 2, 3, 4],
-        decoder_hidden_size=16,
-        num_labels=5,
-    )
-    reference = transformers.SegformerForSemanticSegmentation(config).eval()
-    with torch.no_grad():
-        for module in reference.modules():
-            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-                module.weight.copy_(1 + 0.2 * torch.randn_like(module.weight))
-                module.bias.copy_(0.2 * torch.randn_like(module.bias))
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(0.3 * torch.randn_like(module.running_mean))
-                module.running_var.copy_(torch.rand_like(module.running_var) + 0.5)
+    reference = tiny_reference(depths=(1, 2, 1, 1))
     folder = tmp_path_factory.mktemp("tiny")
     reference.save_pretrained(folder)
     return reference, segformer.load(folder), folder

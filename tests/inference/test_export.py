@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import segformer
 from segformer.cli import main
 from segformer.errors import SegformerError
 from segformer.inference.export import CHECK_TOLERANCE, export_onnx, read_metadata
 from segformer.inference.processing import ImageProcessor
+from tests.conftest import tiny_reference
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -23,23 +23,7 @@ onnx = pytest.importorskip("onnx")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny transformers model (randomised norms), ours loaded from its files, and one export."""
-    torch.manual_seed(0)
-    config = transformers.SegformerConfig(
-        hidden_sizes=[8, 16, 24, 32],
-        depths=[1, 1, 1, 1],
-        num_attention_heads=[1, 2, 3, 4],
-        decoder_hidden_size=16,
-        num_labels=4,
-        id2label={0: "road", 1: "car", 2: "sky", 3: "tree"},
-        label2id={"road": 0, "car": 1, "sky": 2, "tree": 3},
-    )
-    reference = transformers.SegformerForSemanticSegmentation(config).eval()
-    with torch.no_grad():
-        for module in reference.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(0.3 * torch.randn_like(module.running_mean))
-                module.running_var.copy_(torch.rand_like(module.running_var) + 0.5)
-                module.weight.copy_(1 + 0.2 * torch.randn_like(module.weight))
+    reference = tiny_reference(["road", "car", "sky", "tree"])
     folder = tmp_path_factory.mktemp("model")
     reference.save_pretrained(folder)
     model = segformer.load(folder)

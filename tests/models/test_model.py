@@ -15,10 +15,7 @@ from segformer.models.segformer import (
     SegformerForImageClassification,
     SegformerForSemanticSegmentation,
 )
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+from tests.conftest import randomize, rel
 
 
 def hf_config(variant: str, num_labels: int) -> transformers.SegformerConfig:
@@ -29,19 +26,6 @@ def hf_config(variant: str, num_labels: int) -> transformers.SegformerConfig:
         decoder_hidden_size=row["decoder_hidden_size"],
         num_labels=num_labels,
     )
-
-
-def randomize(model: torch.nn.Module) -> None:
-    """Move every norm and BatchNorm statistic away from its identity initialisation, so that a
-    parameter wired to the wrong place cannot hide behind ones and zeros."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-                module.weight.copy_(1 + 0.2 * torch.randn_like(module.weight))
-                module.bias.copy_(0.2 * torch.randn_like(module.bias))
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(0.3 * torch.randn_like(module.running_mean))
-                module.running_var.copy_(torch.rand_like(module.running_var) + 0.5)
 
 
 @pytest.mark.parametrize("variant", ["b0", "b1", "b2", "b3", "b4", "b5"])

@@ -7,26 +7,18 @@ import json
 
 import pytest
 import torch
-import transformers
 
 import segformer
 from segformer.cli import main
 from segformer.models.macs import count_macs
 from segformer.tools import bench
+from tests.conftest import tiny_reference
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.SegformerConfig(
-        hidden_sizes=[8, 16, 24, 32],
-        depths=[1, 1, 1, 1],
-        num_attention_heads=[1, 2, 3, 4],
-        decoder_hidden_size=16,
-        num_labels=5,
-    )
     folder = tmp_path_factory.mktemp("tiny")
-    transformers.SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)
+    tiny_reference(randomized=False).save_pretrained(folder)
     return folder
 
 

@@ -22,8 +22,7 @@ import segformer
 from segformer.errors import CheckpointError
 from segformer.models.config import NVLABS_LAYER_NORM_EPS
 from segformer.weights.formats import detect_format
-from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE
-from tests.models.test_model import randomize, rel
+from tests.conftest import CITYSCAPES_B0, CITYSCAPES_SAMPLE, randomize, rel
 
 LABELS = ["sky", "road", "car", "person", "tree"]
 
