@@ -809,6 +809,43 @@ def run_batch(
     plan = InputPlan.create(
         sources, out_dir, lists=lists, save=options.save, claimed=manifest.claimed
     )
+    removed = _prepare_output(out_dir, plan, manifest, ranks, say)
+    ranks.barrier()  # nothing is written before the cleanup and (materialised) listing are done
+
+    writer = ManifestWriter(out_dir, ranks.rank, key)
+    progress = Progress(
+        out_dir, ranks, options.show_progress, None if plan.materialised else plan.count
+    )
+    if plan.materialised and progress.bar is not None:
+        progress.bar.total = plan.count()
+    started = time.perf_counter()
+    failures: list[str] = []
+    try:
+        mine = _my_inputs(plan, manifest, ranks, progress, say)
+        _segment_inputs(segmenter, mine, out_dir, options, writer, progress, failures)
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - started
+    counts = progress.finish()
+    report = BatchReport(counts, seconds=seconds, failures=failures, removed_temporaries=removed)
+    if ranks.rank == 0:
+        summary = write_summary(out_dir, plan, Manifest(out_dir, key), segmenter, report, ranks)
+        report.summary = summary
+        report.inputs = summary["inputs"]
+        report.counts.failed = summary["failed"]
+    return report
+
+
+def _prepare_output(
+    out_dir: Path,
+    plan: InputPlan,
+    manifest: Manifest,
+    ranks: Ranks,
+    say: Callable[[str], None],
+) -> int:
+    """Get ``out_dir`` ready: rank 0 says whether this run resumes an earlier one and removes
+    the temporaries an interrupted run left; the folder is created; and the run stops here
+    (``InputError``) when there is nothing to segment. Returns the temporaries removed."""
     removed = 0
     if ranks.rank == 0:
         if manifest.entries:
@@ -834,57 +871,57 @@ def run_batch(
         for item in plan if ranks.rank == 0 else ():
             say(item.line())  # type: ignore[union-attr]
         raise InputError("nothing to segment: no readable inputs given")
-    ranks.barrier()  # nothing is written before the cleanup and (materialised) listing are done
+    return removed
 
-    writer = ManifestWriter(out_dir, ranks.rank, key)
-    progress = Progress(
-        out_dir, ranks, options.show_progress, None if plan.materialised else plan.count
-    )
-    if plan.materialised and progress.bar is not None:
-        progress.bar.total = plan.count()
-    started = time.perf_counter()
-    failures: list[str] = []
-    try:
-        mine: list[Input] = []
 
-        def my_inputs() -> Iterator[Input]:
-            for item in plan:
-                if isinstance(item, Problem):
-                    if ranks.rank == 0:
-                        say(item.line())
-                    continue
-                if not shard(item.index, ranks.rank, ranks.world_size):
-                    continue
-                if manifest.done(item):
-                    progress.mine.skipped += 1
-                    progress.update()
-                    continue
-                yield item
+def _my_inputs(
+    plan: InputPlan,
+    manifest: Manifest,
+    ranks: Ranks,
+    progress: Progress,
+    say: Callable[[str], None],
+) -> Iterator[Input]:
+    """The inputs this rank segments now: in its share and not finished intact by an earlier
+    run (those count as skipped). Problems are reported by rank 0 only, so each appears once."""
+    for item in plan:
+        if isinstance(item, Problem):
+            if ranks.rank == 0:
+                say(item.line())
+            continue
+        if not shard(item.index, ranks.rank, ranks.world_size):
+            continue
+        if manifest.done(item):
+            progress.mine.skipped += 1
+            progress.update()
+            continue
+        yield item
 
-        images: list[Input] = []
-        for item in my_inputs():
-            if item.video:
-                mine.append(item)  # videos after the images, one at a time
-            else:
-                images.append(item)
-                if len(images) >= 256:  # bounded: a chunk at a time through the pipeline
-                    _run_images(segmenter, images, out_dir, options, writer, progress, failures)
-                    images = []
-        if images:
-            _run_images(segmenter, images, out_dir, options, writer, progress, failures)
-        for item in mine:
-            _run_video(segmenter, item, out_dir, options, writer, progress, failures)
-    finally:
-        writer.close()
-    seconds = time.perf_counter() - started
-    counts = progress.finish()
-    report = BatchReport(counts, seconds=seconds, failures=failures, removed_temporaries=removed)
-    if ranks.rank == 0:
-        summary = write_summary(out_dir, plan, Manifest(out_dir, key), segmenter, report, ranks)
-        report.summary = summary
-        report.inputs = summary["inputs"]
-        report.counts.failed = summary["failed"]
-    return report
+
+def _segment_inputs(
+    segmenter: Any,
+    inputs: Iterable[Input],
+    out_dir: Path,
+    options: BatchOptions,
+    writer: ManifestWriter,
+    progress: Progress,
+    failures: list[str],
+) -> None:
+    """Images in chunks through the segmenter's pipeline, then the videos one at a time (a
+    video uses the whole pipeline itself)."""
+    videos: list[Input] = []
+    images: list[Input] = []
+    for item in inputs:
+        if item.video:
+            videos.append(item)
+        else:
+            images.append(item)
+            if len(images) >= 256:  # bounded: a chunk at a time through the pipeline
+                _run_images(segmenter, images, out_dir, options, writer, progress, failures)
+                images = []
+    if images:
+        _run_images(segmenter, images, out_dir, options, writer, progress, failures)
+    for item in videos:
+        _run_video(segmenter, item, out_dir, options, writer, progress, failures)
 
 
 def _record_outputs(out_dir: Path, paths: dict[str, Path]) -> dict[str, list[Any]]:

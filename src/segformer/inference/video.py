@@ -320,11 +320,7 @@ def segment_video(
     name = str(source)
     container, stream = _open_input(source)
     try:
-        rate = _frame_rate(stream)
-        total = _frame_count(container, stream, rate)
-        if max_frames is not None:
-            total = min(total, max_frames) if total else max_frames
-        format_name = _CONTAINER_FOR_SUFFIX.get(output.suffix.lower(), "mp4")
+        rate, total = _timing(container, stream, max_frames)
         failure = _Failure()
         seen: dict[str, Any] = {}
         decoded: queue.Queue = queue.Queue(maxsize=_QUEUE_FRAMES)
@@ -344,10 +340,11 @@ def segment_video(
             name="segformer-video-decode",
             daemon=True,
         )
+        # The video appears whole or not at all: it is encoded under a temporary name.
         with atomic_path(output) as tmp_video:
             encoder = _Encoder(
                 tmp_video,
-                format_name,
+                _CONTAINER_FOR_SUFFIX.get(output.suffix.lower(), "mp4"),
                 rate,
                 codec,
                 segmenter,
@@ -367,30 +364,12 @@ def segment_video(
             started = time.perf_counter()
             decoder.start()
             encoder_thread.start()
-            pending: deque[_Frame] = deque()
-            model_ms = 0.0
-            results = segmenter.imap(_frames_from(decoded, failure, pending), batch_size=batch_size)
-            try:
-                for result in results:
-                    frame = pending.popleft()
-                    assert isinstance(result, SegmentationResult)
-                    model_ms += result.timings.model_ms
-                    if not _put(segmented, (frame, result), failure):
-                        break
-                _put(segmented, _END, failure)
-            except BaseException as exc:
-                failure.set(exc)
-            finally:
-                results.close()
-                encoder_thread.join()
-                failure.stop.set()  # lets the decoder leave a blocked put
-                decoder.join()
-            if failure.error is not None:
-                raise failure.error
+            model_ms = _segment_frames(
+                segmenter, decoded, segmented, failure, batch_size, decoder, encoder_thread
+            )
             seconds = time.perf_counter() - started
-        csv_path = None
-        if stats_csv is not None:
-            csv_path = write_atomic(stats_csv, encoder.csv_bytes())
+        # Written only once the video is in place, so a failed run leaves neither file.
+        csv_path = write_atomic(stats_csv, encoder.csv_bytes()) if stats_csv is not None else None
         return VideoResult(
             source=name,
             output=output,
@@ -408,6 +387,51 @@ def segment_video(
         )
     finally:
         container.close()
+
+
+def _timing(container: Any, stream: Any, max_frames: int | None) -> tuple[Fraction, int | None]:
+    """The frame rate the output is written at, and how many frames to expect (for progress;
+    None when the container does not say and there is no ``max_frames``)."""
+    rate = _frame_rate(stream)
+    total = _frame_count(container, stream, rate)
+    if max_frames is not None:
+        total = min(total, max_frames) if total else max_frames
+    return rate, total
+
+
+def _segment_frames(
+    segmenter: Segmenter,
+    decoded: queue.Queue,
+    segmented: queue.Queue,
+    failure: _Failure,
+    batch_size: int | None,
+    decoder: threading.Thread,
+    encoder_thread: threading.Thread,
+) -> float:
+    """The middle stage, in this thread: decoded frames through the model to the encoder.
+    Waits for both other stages to end, raises the first error of any stage, and returns the
+    model's total milliseconds."""
+    pending: deque[_Frame] = deque()
+    model_ms = 0.0
+    results = segmenter.imap(_frames_from(decoded, failure, pending), batch_size=batch_size)
+    try:
+        for result in results:
+            frame = pending.popleft()
+            assert isinstance(result, SegmentationResult)
+            model_ms += result.timings.model_ms
+            if not _put(segmented, (frame, result), failure):
+                break
+        _put(segmented, _END, failure)
+    except BaseException as exc:
+        failure.set(exc)
+    finally:
+        results.close()
+        encoder_thread.join()
+        failure.stop.set()  # lets the decoder leave a blocked put
+        decoder.join()
+    if failure.error is not None:
+        raise failure.error
+    return model_ms
 
 
 class _Encoder:
