@@ -16,3 +16,7 @@ class ImageError(SegformerError):
 
 class DataError(SegformerError):
     """A dataset problem found before or during training/evaluation."""
+
+
+class TrainingDiverged(SegformerError):
+    """The training loss became NaN or infinite."""

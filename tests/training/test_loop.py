@@ -18,17 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import segformer
-from segformer.errors import SegformerError
-from segformer.training.config import HELP, read_config_file
-from segformer.training.loop import (
-    TrainConfig,
-    TrainingDiverged,
-    WarmupPolySchedule,
-    load_checkpoint,
-    parameter_groups,
-    segmentation_loss,
-    train,
-)
+from segformer.errors import SegformerError, TrainingDiverged
+from segformer.training.checkpointing import load_checkpoint
+from segformer.training.config import HELP, TrainConfig, read_config_file
+from segformer.training.loop import WarmupPolySchedule, parameter_groups, train
+from segformer.training.loss import segmentation_loss
 from tests.conftest import REPO
 from tests.segdata import make_samples, write_folder
 
@@ -182,9 +176,9 @@ def _float64_loss(logits, labels, weights):
 def test_banded_loss_and_gradient_equal_upsample_then_cross_entropy(
     classes, shape, weighted, monkeypatch
 ):
-    from segformer.training import loop as training
+    from segformer.training import loss as training_loss
 
-    monkeypatch.setattr(training, "_LOSS_BAND_ELEMENTS", 2000)  # many small bands
+    monkeypatch.setattr(training_loss, "_LOSS_BAND_ELEMENTS", 2000)  # many small bands
     torch.manual_seed(classes)
     (h, w), (height, width) = shape
     logits = (torch.randn(3, classes, h, w) * 3).requires_grad_()
@@ -314,10 +308,10 @@ def test_run_leaves_checkpoints_reports_and_a_loadable_best_model(
 _KILLING_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    import segformer.training.loop as training
+    import segformer.training.checkpointing as checkpointing
 
     calls = 0
-    original = training.save_checkpoint
+    original = checkpointing.save_checkpoint
 
     def save_then_die(state, path):
         # Die in the middle of the third checkpoint write: a half-written temporary file is
@@ -329,7 +323,7 @@ _KILLING_RUN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         original(state, path)
 
-    training.save_checkpoint = save_then_die
+    checkpointing.save_checkpoint = save_then_die
     from segformer.cli import main
     sys.exit(main(sys.argv[1:]))
     """

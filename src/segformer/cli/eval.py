@@ -94,7 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from segformer.inference.processing import ImageProcessor
     from segformer.training import reports
     from segformer.training.datasets import open_dataset, read_labels_file, scan
-    from segformer.training.loop import setup_distributed
+    from segformer.training.distributed import setup_distributed
     from segformer.training.metrics import evaluate_dataset
     from segformer.weights.builtin import DEFAULT_MODEL
     from segformer.weights.checkpoints import load_segmentation_model

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from segformer.errors import DataError, ImageError
+from segformer.errors import DataError, ImageError, SegformerError
 from segformer.inference.visualize import (
     ADE20K_LABELS,
     ADE20K_PALETTE,
@@ -658,20 +658,41 @@ def _scan_one(
             f"is {label.shape[1]}×{label.shape[0]}"
         ), None
     counts = np.bincount(label.ravel(), minlength=256)
+    problem = _label_problem(dataset, index, counts, num_labels)
+    return (problem, None) if problem else (None, counts)
+
+
+def _label_problem(
+    dataset: SegmentationDataset, index: int, counts: np.ndarray, num_labels: int
+) -> str | None:
+    """What is wrong with sample ``index`` whose label histogram is ``counts``: a label
+    ≥ ``num_labels`` other than ignore (named with the stored value it came from)."""
     bad = np.nonzero(counts[num_labels:])[0] + num_labels
     bad = bad[bad != dataset.ignore_index]
-    if len(bad):
-        stored = np.nonzero(dataset.table == bad[0])[0]
-        value = (
-            f"stored value {int(stored[0])} → label {int(bad[0])}"
-            if stored[0] != bad[0]
-            else f"label {int(bad[0])}"
-        )
-        return (
-            f"{dataset.mask_source(index)}: {value}, but there are {num_labels} classes "
-            f"(0..{num_labels - 1}, {dataset.ignore_index} = ignore)"
-        ), None
-    return None, counts
+    if not len(bad):
+        return None
+    stored = np.nonzero(dataset.table == bad[0])[0]
+    value = (
+        f"stored value {int(stored[0])} → label {int(bad[0])}"
+        if len(stored) and stored[0] != bad[0]
+        else f"label {int(bad[0])}"
+    )
+    return (
+        f"{dataset.mask_source(index)}: {value}, but there are {num_labels} classes "
+        f"(0..{num_labels - 1}, {dataset.ignore_index} = ignore)"
+    )
+
+
+def check_labels(
+    dataset: SegmentationDataset, index: int, label: np.ndarray, num_labels: int
+) -> None:
+    """Raise DataError naming the mask when sample ``index``'s ``label`` map holds an id
+    ≥ ``num_labels`` other than ignore: the pre-flight scan's check, for one sample, for runs
+    that skip the scan."""
+    counts = np.bincount(np.asarray(label, dtype=np.int64).ravel(), minlength=256)
+    problem = _label_problem(dataset, index, counts, num_labels)
+    if problem:
+        raise DataError(problem)
 
 
 def scan(dataset: SegmentationDataset, num_labels: int, workers: int = 4) -> ScanReport:
@@ -717,8 +738,12 @@ class AugmentedDataset(Dataset):
             [np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]
         ],
         seed: int,
+        num_labels: int | None = None,
     ) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
+        # Set when the pre-flight scan was skipped: each mask is checked as it is read, so a
+        # bad label stops the run with the file's name instead of an indexing error.
+        self.num_labels = num_labels
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -727,6 +752,8 @@ class AugmentedDataset(Dataset):
         index, epoch = key
         rng = np.random.default_rng([self.seed, epoch, index])
         image, label = self.dataset.load(index)
+        if self.num_labels is not None:
+            check_labels(self.dataset, index, label, self.num_labels)
         pixel_values, labels = self.transform(image, label, rng)
         return {"pixel_values": pixel_values, "labels": labels}
 
@@ -799,6 +826,29 @@ def train_loader(
         **_loader_kwargs(num_workers, pin_memory),
     )
     return loader, sampler
+
+
+def loader_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """The batches of ``loader``, with the one-line message of a SegformerError raised in a
+    worker process: torch re-raises it there with the worker's whole traceback as message."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except SegformerError as exc:
+            raise _one_line(exc) from None
+        yield batch
+
+
+def _one_line(exc: SegformerError) -> SegformerError:
+    text = str(exc)
+    if not text.startswith("Caught ") or "\n" not in text:
+        return exc
+    # The traceback's last line is "module.ErrorType: message".
+    _, sep, message = text.rstrip().splitlines()[-1].partition(": ")
+    return type(exc)(message) if sep else exc
 
 
 def collate_eval(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
