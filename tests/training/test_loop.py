@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import segformer
 from segformer.errors import SegformerError, TrainingDiverged
 from segformer.training.checkpointing import load_checkpoint
-from segformer.training.config import HELP, TrainConfig, read_config_file
+from segformer.training.config import TrainConfig
 from segformer.training.loop import WarmupPolySchedule, parameter_groups, train
 from segformer.training.loss import segmentation_loss
 from tests.conftest import REPO
@@ -119,14 +119,6 @@ def test_warm_restarts_decay_each_cycle_to_min_lr():
     assert floor(10) == pytest.approx(0.6) and floor(15) == pytest.approx(0.35)
 
 
-@pytest.mark.parametrize(
-    "restarts, restart_lr", [([0], 0.5), ([50, 50], 0.5), ([100], 0.5), ([30, 20], 0.5), ([50], 0)]
-)
-def test_bad_restarts_are_refused(restarts, restart_lr):
-    with pytest.raises(SegformerError, match="restart"):
-        TrainConfig(max_steps=100, restarts=restarts, restart_lr=restart_lr)
-
-
 def test_optimizer_groups_head_lr_and_no_decay_on_norms_and_biases(tiny_model):
     groups = {
         g["name"]: g
@@ -223,50 +215,6 @@ def test_loss_is_cross_entropy_averaged_over_labelled_pixels():
     assert segmentation_loss(logits, labels, weights).item() == pytest.approx(
         weighted.item(), rel=1e-6
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------
-def test_every_setting_is_documented():
-    assert set(HELP) == set(TrainConfig.__dataclass_fields__)
-
-
-def test_config_from_yaml_and_toml_with_overrides(tmp_path):
-    (tmp_path / "recipe.yaml").write_text(
-        "format: camvid\ncrop_size: [360, 480]\nmax-steps: 2000\nscale: null\n"
-    )
-    (tmp_path / "recipe.toml").write_text(
-        'format = "camvid"\ncrop_size = [360, 480]\nmax_steps = 2000\n'
-    )
-    from_yaml = TrainConfig.from_file(tmp_path / "recipe.yaml")
-    from_toml = TrainConfig.from_file(tmp_path / "recipe.toml")
-    assert (from_yaml.format, from_yaml.crop_size, from_yaml.max_steps, from_yaml.scale) == (
-        "camvid",
-        [360, 480],
-        2000,
-        None,
-    )
-    assert (from_toml.crop_size, from_toml.max_steps) == ([360, 480], 2000)
-    changed = TrainConfig.from_dict(
-        {"lr": "1e-4", "crop_size": "256,256", "class_weights": "1,2,3", "val_split": "none"},
-        base=from_yaml,
-    )
-    assert (
-        changed.lr == 1e-4
-        and changed.crop_size == [256, 256]
-        and changed.class_weights == [1.0, 2.0, 3.0]
-    )
-    assert changed.val_split is None and changed.format == "camvid"
-    with pytest.raises(SegformerError, match="did you mean max_steps"):
-        TrainConfig.from_dict({"max_step": 5})
-    with pytest.raises(SegformerError, match="batch_size must be int"):
-        TrainConfig.from_dict({"batch_size": "eight"})
-    with pytest.raises(SegformerError, match="precision"):
-        TrainConfig(precision="fp8")
-    (tmp_path / "broken.yaml").write_text("crop_size: [1, 2\n")
-    with pytest.raises(SegformerError, match="not valid YAML"):
-        read_config_file(tmp_path / "broken.yaml")
 
 
 # ---------------------------------------------------------------------------------------

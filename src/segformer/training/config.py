@@ -380,6 +380,8 @@ def _convert(value: Any, kind: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # "1" on the command line reads as 1
+            return bool(value)
         if isinstance(value, str) and value.lower() in (
             "true",
             "yes",
