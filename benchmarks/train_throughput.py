@@ -2,7 +2,7 @@
 doing the same training step, side by side in one run.
 
 One step = forward on a batch of 512×512 crops, the loss (logits upsampled to the labels,
-cross-entropy over non-ignored pixels, each library's own: ``segformer.training.loop.segmentation_loss``
+cross-entropy over non-ignored pixels, each library's own: ``segformer.training.loss.segmentation_loss``
 for ours, ``labels=`` in transformers' forward), backward, and an AdamW step. Both models start from the same weights (ours saved and loaded by
 transformers, checked to give the same logits) in train mode (dropout, stochastic depth).
 
@@ -40,7 +40,7 @@ def build(kind: str, labels: int) -> tuple[Any, Callable]:
     import segformer
     from segformer.models.config import SegformerConfig
     from segformer.models.segformer import SegformerForSemanticSegmentation
-    from segformer.training.loop import segmentation_loss
+    from segformer.training.loss import segmentation_loss
 
     torch.manual_seed(0)
     ours = SegformerForSemanticSegmentation(SegformerConfig.from_variant("b0", num_labels=labels))

@@ -117,7 +117,7 @@ def read_history(run: Path) -> dict:
     carried by its newest checkpoint (so a run still going can be published)."""
     if (run / "history.json").is_file():
         return json.loads((run / "history.json").read_text())
-    from segformer.training.loop import list_checkpoints, load_checkpoint
+    from segformer.training.checkpointing import list_checkpoints, load_checkpoint
 
     checkpoints = list_checkpoints(run / "checkpoints")
     return load_checkpoint(checkpoints[-1][1])["history"] if checkpoints else {}

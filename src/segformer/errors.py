@@ -30,3 +30,7 @@ class VideoRefused(SegformerError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TrainingDiverged(SegformerError):
+    """The training loss became NaN or infinite."""

@@ -15,8 +15,9 @@ import pytest
 
 import segformer
 from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.training.checkpointing import load_checkpoint
+from segformer.training.config import TrainConfig
 from segformer.training.datasets import open_dataset
-from segformer.training.loop import TrainConfig, load_checkpoint
 from segformer.training.metrics import evaluate_dataset
 from tests.conftest import REPO
 from tests.segdata import make_samples, write_folder

@@ -18,17 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import segformer
-from segformer.errors import SegformerError
-from segformer.training.config import HELP, read_config_file
-from segformer.training.loop import (
-    TrainConfig,
-    TrainingDiverged,
-    WarmupPolySchedule,
-    load_checkpoint,
-    parameter_groups,
-    segmentation_loss,
-    train,
-)
+from segformer.errors import SegformerError, TrainingDiverged
+from segformer.training.checkpointing import load_checkpoint
+from segformer.training.config import TrainConfig
+from segformer.training.loop import WarmupPolySchedule, parameter_groups, train
+from segformer.training.loss import segmentation_loss
 from tests.conftest import REPO
 from tests.segdata import make_samples, write_folder
 
@@ -125,14 +119,6 @@ def test_warm_restarts_decay_each_cycle_to_min_lr():
     assert floor(10) == pytest.approx(0.6) and floor(15) == pytest.approx(0.35)
 
 
-@pytest.mark.parametrize(
-    "restarts, restart_lr", [([0], 0.5), ([50, 50], 0.5), ([100], 0.5), ([30, 20], 0.5), ([50], 0)]
-)
-def test_bad_restarts_are_refused(restarts, restart_lr):
-    with pytest.raises(SegformerError, match="restart"):
-        TrainConfig(max_steps=100, restarts=restarts, restart_lr=restart_lr)
-
-
 def test_optimizer_groups_head_lr_and_no_decay_on_norms_and_biases(tiny_model):
     groups = {
         g["name"]: g
@@ -182,9 +168,9 @@ def _float64_loss(logits, labels, weights):
 def test_banded_loss_and_gradient_equal_upsample_then_cross_entropy(
     classes, shape, weighted, monkeypatch
 ):
-    from segformer.training import loop as training
+    from segformer.training import loss as training_loss
 
-    monkeypatch.setattr(training, "_LOSS_BAND_ELEMENTS", 2000)  # many small bands
+    monkeypatch.setattr(training_loss, "_LOSS_BAND_ELEMENTS", 2000)  # many small bands
     torch.manual_seed(classes)
     (h, w), (height, width) = shape
     logits = (torch.randn(3, classes, h, w) * 3).requires_grad_()
@@ -232,50 +218,6 @@ def test_loss_is_cross_entropy_averaged_over_labelled_pixels():
 
 
 # ---------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------
-def test_every_setting_is_documented():
-    assert set(HELP) == set(TrainConfig.__dataclass_fields__)
-
-
-def test_config_from_yaml_and_toml_with_overrides(tmp_path):
-    (tmp_path / "recipe.yaml").write_text(
-        "format: camvid\ncrop_size: [360, 480]\nmax-steps: 2000\nscale: null\n"
-    )
-    (tmp_path / "recipe.toml").write_text(
-        'format = "camvid"\ncrop_size = [360, 480]\nmax_steps = 2000\n'
-    )
-    from_yaml = TrainConfig.from_file(tmp_path / "recipe.yaml")
-    from_toml = TrainConfig.from_file(tmp_path / "recipe.toml")
-    assert (from_yaml.format, from_yaml.crop_size, from_yaml.max_steps, from_yaml.scale) == (
-        "camvid",
-        [360, 480],
-        2000,
-        None,
-    )
-    assert (from_toml.crop_size, from_toml.max_steps) == ([360, 480], 2000)
-    changed = TrainConfig.from_dict(
-        {"lr": "1e-4", "crop_size": "256,256", "class_weights": "1,2,3", "val_split": "none"},
-        base=from_yaml,
-    )
-    assert (
-        changed.lr == 1e-4
-        and changed.crop_size == [256, 256]
-        and changed.class_weights == [1.0, 2.0, 3.0]
-    )
-    assert changed.val_split is None and changed.format == "camvid"
-    with pytest.raises(SegformerError, match="did you mean max_steps"):
-        TrainConfig.from_dict({"max_step": 5})
-    with pytest.raises(SegformerError, match="batch_size must be int"):
-        TrainConfig.from_dict({"batch_size": "eight"})
-    with pytest.raises(SegformerError, match="precision"):
-        TrainConfig(precision="fp8")
-    (tmp_path / "broken.yaml").write_text("crop_size: [1, 2\n")
-    with pytest.raises(SegformerError, match="not valid YAML"):
-        read_config_file(tmp_path / "broken.yaml")
-
-
-# ---------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------
 def test_run_leaves_checkpoints_reports_and_a_loadable_best_model(
@@ -314,30 +256,44 @@ def test_run_leaves_checkpoints_reports_and_a_loadable_best_model(
 _KILLING_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    import segformer.training.loop as training
+    import segformer.training.checkpointing as checkpointing
+    from segformer.inference.segmenter import write_atomic
 
     calls = 0
-    original = training.save_checkpoint
+    die_at = int(os.environ["DIE_AT_SAVE"])
+    original = checkpointing.save_checkpoint
+
+    def half_then_die(file):
+        file.write(b"half a checkpoint")
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def save_then_die(state, path):
-        # Die in the middle of the third checkpoint write: a half-written temporary file is
-        # left behind and every step after the second checkpoint is lost.
+        # Die in the middle of checkpoint write number DIE_AT_SAVE, inside the real atomic
+        # write: its half-written temporary file is left behind, and every step after the
+        # previous checkpoint is lost.
         global calls
         calls += 1
-        if calls == 3:
-            path.with_name(f".{path.name}.tmp").write_bytes(b"half a checkpoint")
-            os.kill(os.getpid(), signal.SIGKILL)
+        if calls == die_at:
+            write_atomic(path, half_then_die)
         original(state, path)
 
-    training.save_checkpoint = save_then_die
+    checkpointing.save_checkpoint = save_then_die
     from segformer.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
 
 
-def _segformer(args: list[str], script: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SEGFORMER_ALLOCATOR": "system", "OMP_NUM_THREADS": "1"}
+def _segformer(
+    args: list[str], script: str | None = None, die_at_save: int = 0
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "SEGFORMER_ALLOCATOR": "system",
+        "OMP_NUM_THREADS": "1",
+        "DIE_AT_SAVE": str(die_at_save),
+    }
     command = (
         [sys.executable, "-c", script, *args]
         if script
@@ -355,7 +311,9 @@ def test_resume_after_sigkill_is_bit_identical(dataset_root, start_model, tmp_pa
     assert whole.returncode == 0, whole.stderr
 
     killed = _segformer(
-        ["train", str(recipe), "--output-dir", str(tmp_path / "killed")], script=_KILLING_RUN
+        ["train", str(recipe), "--output-dir", str(tmp_path / "killed")],
+        script=_KILLING_RUN,
+        die_at_save=3,
     )
     assert killed.returncode == -9, killed.stderr
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -385,6 +343,100 @@ def test_resume_after_sigkill_is_bit_identical(dataset_root, start_model, tmp_pa
     )
     assert [r["loss"] for r in a["history"]["train"]] == [r["loss"] for r in b["history"]["train"]]
     assert a["best"] == b["best"]
+
+    # Killed while writing its first checkpoint: nothing of the run can be kept, so --resume
+    # starts it again from step 0 with its saved config, and ends where the whole run did.
+    first = tmp_path / "killed-first"
+    killed = _segformer(
+        ["train", str(recipe), "--output-dir", str(first)], script=_KILLING_RUN, die_at_save=1
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert not list((first / "checkpoints").glob("step-*.pt"))
+    assert list((first / "checkpoints").glob(".step-0000002.*.tmp.pt"))
+    resumed = _segformer(["train", "--resume", str(first)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "no complete checkpoint yet: starting the run again from step 0" in resumed.stderr
+    assert not list((first / "checkpoints").glob(".*tmp*"))
+    c = load_checkpoint(first / "checkpoints" / "step-0000008.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], c["model"][key]), key
+    assert (
+        a["best"] == c["best"]
+        and a["history"]["train"][0]["loss"] == c["history"]["train"][0]["loss"]
+    )
+
+
+def test_leftovers_of_interrupted_writes_are_removed_when_the_run_restarts(
+    dataset_root, start_model, tmp_path
+):
+    # A finished run, then what kills at the worst moments leave behind: a half-written
+    # checkpoint, the .saving-* folder of an export into best/ or last/, a plot and the
+    # config being replaced. --resume must clean them up and finish the run again.
+    run = tmp_path / "run"
+    config = tiny_run(dataset_root, start_model, run, max_steps=2, eval_interval=0)
+    train(config)
+    leftovers = [
+        run / "checkpoints" / ".step-0000004.pt.tmp",
+        run / "checkpoints" / ".step-0000004.1a2b3c4d.tmp.pt",
+        run / "best" / ".saving-k2j4h5" / "model.safetensors",
+        run / "last" / ".saving-9x8y7z" / "config.json",
+        run / "plots" / ".validation.0badf00d.tmp.png",
+        run / ".config.yaml-x1y2z3.tmp",
+    ]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    (run / "notes.txt").write_text("mine")
+    result = train(config, resume=run)
+    assert result.steps == 2
+    for path in leftovers:
+        assert not path.exists(), path
+    assert not list(run.glob("*/.saving-*"))
+    assert (run / "notes.txt").read_text() == "mine"
+    assert segformer.load(run / "best").labels == ["background", "thing", "stuff"]
+
+
+@pytest.fixture
+def bad_label_data(tmp_path) -> tuple[Path, Path]:
+    """A folder dataset whose fourth training mask holds label 7 (3 classes: 0..2)."""
+    from PIL import Image
+
+    root = write_folder(tmp_path / "bad", make_samples(8, seed=1), "train")
+    write_folder(root, make_samples(4, seed=2), "val")
+    mask = root / "masks" / "train" / "003.png"
+    label = np.array(Image.open(mask))
+    label[10:20, 10:20] = 7
+    Image.fromarray(label).save(mask)
+    return root, mask
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_out_of_range_labels_without_preflight_stop_in_one_line_and_leave_no_run(
+    bad_label_data, start_model, tmp_path, capsys, workers
+):
+    from segformer.cli import main
+
+    root, mask = bad_label_data
+    recipe = tmp_path / "recipe.yaml"
+    tiny_run(root, start_model, tmp_path / "unused", num_workers=workers).save(recipe)
+    out = tmp_path / "run"
+    args = ["train", str(recipe), "--set", "preflight=false", "--output-dir", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # the same line the pre-flight scan gives, from the worker that read the mask
+    assert err.endswith(f"\nerror: {mask}: label 7, but there are 3 classes (0..2, 255 = ignore)\n")
+    assert "Traceback" not in err and err.count("error") == 1
+    assert not out.exists()  # created by this run, nothing checkpointed: removed
+    # a folder that was there before is the user's: kept
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 2
+    assert (out / "notes.txt").is_file()
+    capsys.readouterr()
+    # with the pre-flight scan (the default) the same problem is found before training
+    assert main(["train", str(recipe), "--output-dir", str(tmp_path / "checked")]) == 2
+    assert f"error: {mask}: label 7" in capsys.readouterr().err
+    assert not (tmp_path / "checked").exists()
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(
@@ -502,4 +554,22 @@ def test_accumulation_clipping_bf16_and_class_weights_run(dataset_root, start_mo
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000002.pt")
     # 8 images, batch 2: 4 batches per epoch, two per optimizer step
     assert checkpoint["data"] == {"epoch": 0, "batches_done": 4}
+    # the file format runs started with earlier versions wrote, and resume from
+    assert set(checkpoint) == {
+        "format",
+        "version",
+        "step",
+        "model",
+        "model_config",
+        "labels",
+        "palette",
+        "train_config",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "data",
+        "best",
+        "history",
+    }
     assert all(math.isfinite(r["loss"]) for r in result.history["train"])

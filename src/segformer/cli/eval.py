@@ -100,8 +100,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from segformer.training import reports
     from segformer.training.datacheck import scan
     from segformer.training.datasets import open_dataset
+    from segformer.training.distributed import setup_distributed
     from segformer.training.files import read_labels_file
-    from segformer.training.loop import setup_distributed
     from segformer.training.metrics import evaluate_dataset
     from segformer.weights.builtin import DEFAULT_MODEL
     from segformer.weights.checkpoints import load_segmentation_model

@@ -3,7 +3,9 @@
 Settings come from the TrainConfig defaults, then a YAML/TOML file, then ``--set key=value``
 and ``--<key> value`` options (every TrainConfig field has one). The resolved config is saved
 as ``<output_dir>/config.yaml``. ``--resume`` continues a run from its latest checkpoint with
-its saved settings (options given again override them, with a warning).
+its saved settings (options given again override them, with a warning); a run stopped before
+its first checkpoint was complete starts again from step 0 with its saved settings. Files that
+a kill left half-written (``.tmp`` files, ``.saving-*`` folders) are removed when a run starts.
 
     segformer train --data ../shared/data/camvid --format camvid --model b0 --output-dir runs/camvid
     segformer train recipe.yaml --set max_steps=2000

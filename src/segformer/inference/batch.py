@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import glob
 import hashlib
 import json
@@ -43,7 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from segformer.errors import InputError, SegformerError
+from segformer.inference.segmenter import atomic_path, write_atomic
+from segformer.inference.video import VIDEO_EXTENSIONS, is_video, output_suffix, segment_video
 
 IMAGE_EXTENSIONS = (
     ".png",
@@ -105,8 +110,6 @@ def output_names(stem: str, video: Path | None, save: Sequence[str]) -> dict[str
     """The files an input with output name ``stem`` gets, by kind (paths relative to the
     output folder). ``video``: the source, for videos (its container picks the suffix)."""
     if video is not None:
-        from segformer.inference.video import output_suffix
-
         return {
             "overlay": f"{stem}_overlay{output_suffix(video)}",
             "frames_csv": f"{stem}_frames.csv",
@@ -116,7 +119,6 @@ def output_names(stem: str, video: Path | None, save: Sequence[str]) -> dict[str
 
 
 def _wanted(name: str) -> bool:
-    from segformer.inference.video import VIDEO_EXTENSIONS
 
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
@@ -439,7 +441,6 @@ def _digest(stem: str) -> int:
 
 
 def _is_video(path: Path) -> bool:
-    from segformer.inference.video import is_video
 
     return is_video(path)
 
@@ -601,8 +602,6 @@ class Ranks:
             int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
         )
         if world > 1:
-            import datetime
-
             import torch.distributed as dist
 
             if not dist.is_initialized():
@@ -678,8 +677,6 @@ class Progress:
         self.written = 0.0
         self.bar = None
         if ranks.rank == 0 and show:
-            from tqdm import tqdm
-
             self.bar = tqdm(unit="img", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
             if total is not None:
                 # Counting a large folder takes a while: the bar starts at once, the ETA later.
@@ -698,8 +695,6 @@ class Progress:
             return
         self.written = now
         if self.ranks.world_size > 1:
-            from segformer.inference.segmenter import write_atomic
-
             write_atomic(self._path(self.ranks.rank), json.dumps(self.mine.__dict__).encode())
         if self.bar is not None:
             total = self.all()
@@ -1017,7 +1012,6 @@ def _run_video(
     progress: Progress,
     failures: list[str],
 ) -> None:
-    from segformer.inference.video import segment_video
 
     names = output_names(item.stem, item.path, options.save)
     video_path, csv_path = out_dir / names["overlay"], out_dir / names["frames_csv"]
@@ -1109,7 +1103,6 @@ def write_summary(
     """``summary.json`` and ``summary.csv``: one record per input in enumeration order (this
     run's or, for skipped ones, the earlier run's), streamed to temporary files and renamed.
     Returns the summary without its ``results``."""
-    from segformer.inference.segmenter import atomic_path
 
     counts = {"inputs": 0, "succeeded": 0, "failed": 0}
     report.failures = []

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import av
+
 from segformer.errors import ImageError, SegformerError, VideoRefused
+from segformer.inference.video import frame_count_estimate, segment_video
 from segformer.server.pool import PoolFull, Slot, WorkerPool
 from segformer.server.registry import ModelRegistry
 from segformer.server.settings import Settings
@@ -203,9 +206,6 @@ class VideoJobs:
 
     def _probe(self, job: VideoJob) -> None:
         """Refuse what is not a video (by content) or is over the limits, before queueing."""
-        import av
-
-        from segformer.inference.video import frame_count_estimate
 
         settings = self.settings
         try:
@@ -243,7 +243,6 @@ class VideoJobs:
 
     # -- running -----------------------------------------------------------------------------
     def _run(self, job: VideoJob) -> None:
-        from segformer.inference.video import segment_video
 
         if job.stop.is_set():
             self._finish(job, CANCELLED, None)

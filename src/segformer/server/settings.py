@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segformer.errors import SegformerError
+from segformer.tools.bench import default_results_path
+from segformer.weights.builtin import DEFAULT_MODEL
 
 MB = 1024 * 1024
 # A served model's public name: what clients put in the ``model`` field and what the page shows.
@@ -18,7 +20,6 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def default_bench_results() -> Path:
     """Where ``segformer bench`` writes its results unless told otherwise, and so where the
     comparison page looks for them."""
-    from segformer.tools.bench import default_results_path
 
     return default_results_path()
 
@@ -141,8 +142,6 @@ class Settings:
 
     def model_specs(self) -> list[ModelSpec]:
         if not self.models:
-            from segformer.weights.builtin import DEFAULT_MODEL
-
             return [ModelSpec(DEFAULT_MODEL, None)]
         return [ModelSpec.parse(text) for text in self.models]
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as coco_rle
 
 from segformer.errors import DataError
 from segformer.training.files import image_size
@@ -381,7 +382,6 @@ def coco_index(path: Path, background: bool = True) -> CocoIndex:
 
 def _coco_shape(annotation: dict[str, Any], height: int, width: int, source: str) -> Any:
     """The annotation's region as one pycocotools RLE, or None when it has no area."""
-    from pycocotools import mask as coco_mask
 
     segmentation = annotation.get("segmentation")
     try:
@@ -392,7 +392,7 @@ def _coco_shape(annotation: dict[str, Any], height: int, width: int, source: str
             ]
             if not polygons:
                 return None
-            return coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+            return coco_rle.merge(coco_rle.frPyObjects(polygons, height, width))
         if isinstance(segmentation, dict) and "counts" in segmentation:
             size = [int(v) for v in segmentation.get("size", [])]
             if size != [height, width]:
@@ -407,7 +407,7 @@ def _coco_shape(annotation: dict[str, Any], height: int, width: int, source: str
                         f"{source}: annotation {annotation.get('id')} RLE counts do not add up to "
                         f"{height}×{width} pixels"
                     )
-                return coco_mask.frPyObjects(segmentation, height, width)
+                return coco_rle.frPyObjects(segmentation, height, width)
             counts = counts.encode("ascii") if isinstance(counts, str) else counts
             return {"size": size, "counts": counts}
     except DataError:
@@ -443,7 +443,6 @@ def paint_objects(
 
 
 def coco_mask(index: CocoIndex, image: Path) -> np.ndarray:
-    from pycocotools import mask as coco_mask
 
     entry = index.find(image)
     source = f"{index.path} ({entry.file_name})"
@@ -456,7 +455,7 @@ def coco_mask(index: CocoIndex, image: Path) -> np.ndarray:
             with warnings.catch_warnings():
                 # pycocotools 2.0 builds its array in a way numpy 2 deprecates; harmless here.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                mask = coco_mask.decode(shape).astype(bool)
+                mask = coco_rle.decode(shape).astype(bool)
         except Exception as exc:  # a malformed compressed RLE string
             raise DataError(
                 f"{source}: annotation {annotation.get('id')} has an unreadable RLE ({exc})"

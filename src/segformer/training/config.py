@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import os
 import tempfile
 import types
@@ -95,17 +96,21 @@ class TrainConfig:
     preflight: bool = True
 
     # -- validation of values ------------------------------------------------------------
+    # Every value is checked here, before any data is read, so that a bad setting (from a
+    # file, --set or a resumed run) is one line and exit 2, never a NaN loss hours later.
+    # Comparisons are written so that NaN fails them.
     def __post_init__(self) -> None:
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise SegformerError(f"config: {message}")
+        self._check_choices_and_sizes()
+        self._check_optimisation()
+        self._check_run()
 
-        need(
+    def _check_choices_and_sizes(self) -> None:
+        _need(
             self.format in DATASET_FORMATS,
             f"format must be one of {', '.join(DATASET_FORMATS)}, not {self.format!r}",
         )
-        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
-        need(self.eval_mode in ("whole", "slide"), "eval_mode must be whole or slide")
+        _need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
+        _need(self.eval_mode in ("whole", "slide"), "eval_mode must be whole or slide")
         for name in (
             "crop_size",
             "eval_size",
@@ -115,41 +120,74 @@ class TrainConfig:
             "scale",
         ):
             value = getattr(self, name)
-            need(
+            _need(
                 value is None or (len(value) == 2 and min(value) > 0),
                 f"{name} must be two positive integers",
             )
-        need(self.crop_size is not None, "crop_size is required")
-        need(
-            len(self.ratio_range) == 2 and 0 < self.ratio_range[0] <= self.ratio_range[1],
+        _need(self.crop_size is not None, "crop_size is required")
+        _need(
+            len(self.ratio_range) == 2
+            and 0 < self.ratio_range[0] <= self.ratio_range[1] < math.inf,
             "bad ratio_range",
         )
-        need(len(self.betas) == 2, "betas must be two numbers")
-        need(
+        _need(0 < self.cat_max_ratio <= 1, "cat_max_ratio must be in (0, 1] (1: off)")
+        _need(0 <= self.flip_prob <= 1, "flip_prob must be in [0, 1]")
+        _need(
+            self.drop_path_rate is None or 0 <= self.drop_path_rate < 1,
+            "drop_path_rate must be in [0, 1) (or none)",
+        )
+
+    def _check_optimisation(self) -> None:
+        _need(
             self.max_steps > 0 and self.batch_size > 0 and self.grad_accum_steps > 0,
             "steps and sizes must be > 0",
         )
-        need(self.warmup_steps >= 0 and 0 <= self.warmup_ratio <= 1, "bad warm-up settings")
+        _need(0 < self.lr < math.inf, f"lr must be a positive number, not {self.lr}")
+        _need(0 < self.head_lr_mult < math.inf, "head_lr_mult must be a positive number")
+        _need(
+            0 <= self.weight_decay < math.inf,
+            f"weight_decay must be 0 or a positive number, not {self.weight_decay}",
+        )
+        _need(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas must be two numbers in [0, 1)",
+        )
+        _need(self.warmup_steps >= 0 and 0 <= self.warmup_ratio <= 1, "bad warm-up settings")
+        _need(0 <= self.poly_power < math.inf, "poly_power must be 0 or a positive number")
+        _need(0 <= self.min_lr <= self.lr, "min_lr must be between 0 and lr")
         cycle_bounds = [0, *self.restarts, self.max_steps]
-        need(
+        _need(
             all(a < b for a, b in itertools.pairwise(cycle_bounds)),
             "restarts must be increasing steps between 0 and max_steps",
         )
-        need(0 < self.restart_lr <= 1, "restart_lr must be in (0, 1]")
-        need(
+        _need(0 < self.restart_lr <= 1, "restart_lr must be in (0, 1]")
+        _need(
+            self.clip_grad_norm is None or 0 < self.clip_grad_norm < math.inf,
+            "clip_grad_norm must be a positive number (or none)",
+        )
+        _need(
             self.ema_decay is None or 0 < self.ema_decay < 1,
             "ema_decay must be between 0 and 1 (or none)",
         )
-        need(self.checkpoint_interval > 0 and self.log_interval > 0, "intervals must be > 0")
-        need(
-            self.eval_interval >= 0 and self.keep_checkpoints >= 1,
-            "bad eval_interval or keep_checkpoints",
-        )
         if isinstance(self.class_weights, str):
-            need(
+            _need(
                 self.class_weights in CLASS_WEIGHTING,
                 f"class_weights must be a list or one of {CLASS_WEIGHTING}",
             )
+        elif self.class_weights is not None:
+            _need(
+                all(0 <= w < math.inf for w in self.class_weights) and any(self.class_weights),
+                "class_weights must be numbers ≥ 0, not all 0",
+            )
+
+    def _check_run(self) -> None:
+        _need(self.checkpoint_interval > 0 and self.log_interval > 0, "intervals must be > 0")
+        _need(
+            self.eval_interval >= 0 and self.keep_checkpoints >= 1,
+            "bad eval_interval or keep_checkpoints",
+        )
+        _need(self.num_workers >= 0, "num_workers must be 0 or more")
+        _need(self.threads is None or self.threads > 0, "threads must be > 0 (or none)")
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -179,10 +217,20 @@ class TrainConfig:
         """Write the settings as YAML (atomically), loadable again with ``from_file``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(dataclasses.asdict(self), f, sort_keys=False)
-        os.replace(tmp, path)
+        # The ".tmp" suffix marks what a kill leaves behind, for the next run to clean up.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(dataclasses.asdict(self), f, sort_keys=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise SegformerError(f"config: {message}")
 
 
 HELP: dict[str, str] = {
@@ -338,6 +386,8 @@ def _convert(value: Any, kind: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # "1" on the command line reads as 1
+            return bool(value)
         if isinstance(value, str) and value.lower() in (
             "true",
             "yes",

@@ -21,7 +21,12 @@ from PIL import Image, ImageDraw
 
 from segformer.errors import DataError
 from segformer.inference.visualize import blend, generate_palette
-from segformer.training.datasets import IGNORE_INDEX, ScanReport, SegmentationDataset
+from segformer.training.datasets import (
+    IGNORE_INDEX,
+    ScanReport,
+    SegmentationDataset,
+    outside_label_message,
+)
 
 # Problem kinds, in the order they are reported; each stops training.
 MISSING = "images without a mask"
@@ -157,19 +162,6 @@ def _check_one(
     return None, np.bincount(label.ravel(), minlength=256)
 
 
-def _outside_message(dataset: SegmentationDataset, index: int, value: int, num_labels: int) -> str:
-    stored = np.nonzero(dataset.table == value)[0]
-    what = (
-        f"stored value {int(stored[0])} → label {value}"
-        if len(stored) and stored[0] != value
-        else f"label {value}"
-    )
-    return (
-        f"{dataset.mask_source(index)}: {what}, but there are {num_labels} classes "
-        f"(0..{num_labels - 1}, {dataset.ignore_index} = ignore)"
-    )
-
-
 def check_dataset(
     dataset: SegmentationDataset,
     num_labels: int | None = None,
@@ -203,7 +195,7 @@ def check_dataset(
                 outside = outside[outside != dataset.ignore_index]
                 if len(outside):
                     report.add(
-                        OUTSIDE, _outside_message(dataset, index, int(outside[0]), num_labels)
+                        OUTSIDE, outside_label_message(dataset, index, int(outside[0]), num_labels)
                     )
             report.checked += 1
             report.value_pixels += counts

@@ -31,7 +31,7 @@ import io
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from segformer.errors import DataError
+from segformer.errors import DataError, SegformerError
 from segformer.inference.visualize import (
     ADE20K_LABELS,
     ADE20K_PALETTE,
@@ -674,6 +674,35 @@ class ScanReport:
         return [float(w) for w in weights]
 
 
+def outside_label_message(
+    dataset: SegmentationDataset, index: int, value: int, num_labels: int
+) -> str:
+    """The one-line problem of sample ``index``: ``value`` is not one of the ``num_labels``
+    labels (named with the stored mask value it came from)."""
+    stored = np.nonzero(dataset.table == value)[0]
+    what = (
+        f"stored value {int(stored[0])} → label {value}"
+        if len(stored) and stored[0] != value
+        else f"label {value}"
+    )
+    return (
+        f"{dataset.mask_source(index)}: {what}, but there are {num_labels} classes "
+        f"(0..{num_labels - 1}, {dataset.ignore_index} = ignore)"
+    )
+
+
+def check_labels(
+    dataset: SegmentationDataset, index: int, label: np.ndarray, num_labels: int
+) -> None:
+    """Raise DataError naming the mask when sample ``index``'s ``label`` map holds an id
+    ≥ ``num_labels`` other than ignore: the pre-flight's check, for one sample, for runs that
+    skip the pre-flight."""
+    values = np.unique(np.asarray(label))
+    bad = values[(values >= num_labels) & (values != dataset.ignore_index)]
+    if len(bad):
+        raise DataError(outside_label_message(dataset, index, int(bad[0]), num_labels))
+
+
 # ---------------------------------------------------------------------------------------
 # Training view and loaders
 # ---------------------------------------------------------------------------------------
@@ -689,8 +718,12 @@ class AugmentedDataset(Dataset):
             [np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]
         ],
         seed: int,
+        num_labels: int | None = None,
     ) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
+        # Set when the pre-flight scan was skipped: each mask is checked as it is read, so a
+        # bad label stops the run with the file's name instead of an indexing error.
+        self.num_labels = num_labels
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -699,6 +732,8 @@ class AugmentedDataset(Dataset):
         index, epoch = key
         rng = np.random.default_rng([self.seed, epoch, index])
         image, label = self.dataset.load(index)
+        if self.num_labels is not None:
+            check_labels(self.dataset, index, label, self.num_labels)
         pixel_values, labels = self.transform(image, label, rng)
         return {"pixel_values": pixel_values, "labels": labels}
 
@@ -771,6 +806,29 @@ def train_loader(
         **_loader_kwargs(num_workers, pin_memory),
     )
     return loader, sampler
+
+
+def loader_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """The batches of ``loader``, with the one-line message of a SegformerError raised in a
+    worker process: torch re-raises it there with the worker's whole traceback as message."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except SegformerError as exc:
+            raise _one_line(exc) from None
+        yield batch
+
+
+def _one_line(exc: SegformerError) -> SegformerError:
+    text = str(exc)
+    if not text.startswith("Caught ") or "\n" not in text:
+        return exc
+    # The traceback's last line is "module.ErrorType: message".
+    _, sep, message = text.rstrip().splitlines()[-1].partition(": ")
+    return type(exc)(message) if sep else exc
 
 
 def collate_eval(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

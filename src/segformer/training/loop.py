@@ -9,10 +9,18 @@
     around   validation (mIoU from one confusion matrix), atomic checkpoints with everything
              needed to continue exactly, TensorBoard, tqdm, plots, export of the best model
 
+``train`` reads top to bottom: where to start from, the data, the model and its optimiser
+(a ``Learner``), then the loop, whose progress lives in one ``RunState`` (step, data
+position, best result, history) that checkpoints save and restore. The loss is in
+``training.loss``, checkpoint files in ``training.checkpointing``, processes in
+``training.distributed``.
+
 Runs survive: a checkpoint holds the model, optimizer, scheduler, scaler, every RNG state and
 the data position (epoch + batches consumed). Data order and augmentation are functions of
 (seed, epoch, index), so ``resume`` continues with exactly the batches an uninterrupted run
-would have seen; on CPU with ``deterministic=True`` the final weights are bit-identical.
+would have seen; on CPU with ``deterministic=True`` the final weights are bit-identical. A run
+killed before its first checkpoint was complete resumes from step 0 with its saved config;
+files whose writing a kill interrupted are removed when a run starts in the folder.
 
 Distributed: under ``torchrun`` each process trains on its share of every epoch (gloo on CPU,
 nccl on GPU), validation sums the processes' confusion matrices, and only rank 0 writes.
@@ -27,26 +35,41 @@ import fnmatch
 import logging
 import math
 import os
-import random
-import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from segformer.errors import DataError, SegformerError
+import segformer
+from segformer.errors import DataError, SegformerError, TrainingDiverged
+from segformer.inference.modes import InferenceMode
+from segformer.inference.processing import ImageProcessor
+from segformer.inference.segmenter import Segmenter
 from segformer.models.config import VARIANTS, SegformerConfig
 from segformer.models.metadata import ModelMetadata
 from segformer.models.segformer import SegformerForSemanticSegmentation
 from segformer.training import reports
+from segformer.training.checkpointing import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    all_rng_states,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_interrupted_writes,
+    restore_rng,
+    save_and_prune,
+    seed_everything,
+)
 from segformer.training.config import TrainConfig, read_config_file
 from segformer.training.datacheck import scan
 from segformer.training.datasets import (
@@ -54,23 +77,33 @@ from segformer.training.datasets import (
     HFSegmentationDataset,
     SegmentationDataset,
     eval_loader,
+    loader_batches,
     open_dataset,
     train_loader,
 )
+from segformer.training.distributed import (
+    Distributed,
+    all_true,
+    mean_across,
+    setup_distributed,
+    sync_buffers,
+)
 from segformer.training.files import read_labels_file
+from segformer.training.loss import segmentation_loss
 from segformer.training.metrics import SegmentationMetrics, evaluate
 from segformer.training.transforms import IGNORE_INDEX, TrainTransform
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "read_config_file", "train"]
+__all__ = [
+    "RunState",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "read_config_file",
+    "segmentation_loss",
+    "train",
+]
 
 log = logging.getLogger("segformer")
-
-CHECKPOINT_FORMAT = "segformer-train-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class TrainingDiverged(SegformerError):
-    """The loss became NaN or infinite."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,247 +193,12 @@ def parameter_groups(
     return result
 
 
-def segmentation_loss(
-    logits: Tensor,
-    labels: Tensor,
-    class_weights: Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-) -> Tensor:
-    """Cross-entropy of logits upsampled (bilinear) to the label size, summed over labelled
-    pixels (weighted by class when weights are given) and divided by their number.
-
-    Computed in float32 a band of rows at a time, gradient included (see
-    ``_UpsampledCrossEntropy``), so the full-resolution logits never exist all at once."""
-    total = _UpsampledCrossEntropy.apply(logits, labels, class_weights, ignore_index)
-    return total / (labels != ignore_index).sum().clamp(min=1)
-
-
-# Full-resolution logits (float32 elements) per band: a few MB, so a band's upsampled logits,
-# softmax and gradient stay in cache instead of streaming gigabytes through memory.
-_LOSS_BAND_ELEMENTS = 1 << 20
-
-
-_LOSS_CHANNELS_LAST_FROM = 16
-
-
-def _label_rows(upsampled: Tensor, channels_last: bool, start: int, stop: int) -> Tensor:
-    """Rows ``start:stop`` of a (1, K, R, W) map as a view: (rows, W, K) when it is
-    channels-last, else (K, rows, W)."""
-    if channels_last:
-        return upsampled[0].permute(1, 2, 0)[start:stop]
-    return upsampled[0, :, start:stop]
-
-
-class _UpsampledCrossEntropy(torch.autograd.Function):
-    """Σ over labelled pixels of weight[y]·−log softmax(upsample(logits))[y], and its gradient
-    with respect to ``logits``, both computed in the forward pass band by band.
-
-    Upsampling every class to label size, then log-softmax, then their gradients, moves the
-    whole (B, K, H, W) tensor through memory several times: with 150 classes that was two
-    thirds of a training step. Here each band of label rows is upsampled from the few logit
-    rows it needs (bilinear with align_corners=False reads at most one row beyond each end),
-    and the band's loss and gradient are computed while it is in cache; ``backward`` only
-    scales the stored gradient. Bands split the height only when it is an exact multiple of
-    the logits' (as for crops divisible by 4), which keeps every band's sampling positions
-    those of the whole image; otherwise each image is one band."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, class_weights, ignore_index):  # type: ignore[override]
-        batch, classes, height, width = logits.shape
-        out_height, out_width = labels.shape[-2:]
-        scale, remainder = divmod(out_height, height)
-        rows = height
-        if remainder == 0 and scale >= 1:
-            rows = max(1, _LOSS_BAND_ELEMENTS // (classes * scale * out_width))
-        gradient = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        weight = None if class_weights is None else class_weights.float()
-        # Many classes: channels-last, where resampling and its gradient vectorise over the
-        # classes (3-6× faster than planar at 150) and the softmax reads them contiguously.
-        # Few classes: planar, where those vectorise over pixels instead.
-        channels_last = classes >= _LOSS_CHANNELS_LAST_FROM
-        class_dim = -1 if channels_last else 0  # of a band as _label_rows gives it
-        for image in range(batch):
-            for top in range(0, height, rows):
-                bottom = min(top + rows, height)
-                first, last = max(top - 1, 0), min(bottom + 1, height)  # the logit rows read
-                if rows == height:
-                    target, size, offset = labels[image], (out_height, out_width), 0
-                else:
-                    target = labels[image, top * scale : bottom * scale]
-                    size, offset = ((last - first) * scale, out_width), (top - first) * scale
-                valid = target != ignore_index
-                if not valid.any():
-                    continue
-                part = logits[image : image + 1, :, first:last].float()
-                if channels_last:
-                    part = part.contiguous(memory_format=torch.channels_last)
-                upsampled = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
-                stop = offset + target.shape[0]
-                band = _label_rows(upsampled, channels_last, offset, stop)
-                log_probabilities = band.log_softmax(dim=class_dim)
-                safe = torch.where(valid, target, 0)  # ignored pixels point at class 0, weight 0
-                pixel_weight = valid.float() if weight is None else weight[safe] * valid
-                safe, pixel_weight = safe.unsqueeze(class_dim), pixel_weight.unsqueeze(class_dim)
-                total -= (log_probabilities.gather(class_dim, safe) * pixel_weight).sum()
-                # d loss / d band = weight[y]·(softmax − one-hot(y)) at labelled pixels.
-                band_gradient = log_probabilities.exp_().mul_(pixel_weight)
-                band_gradient.scatter_add_(class_dim, safe, -pixel_weight)
-                upsampled_gradient = torch.zeros_like(upsampled)
-                _label_rows(upsampled_gradient, channels_last, offset, stop).copy_(band_gradient)
-                gradient[image : image + 1, :, first:last] += (
-                    torch.ops.aten.upsample_bilinear2d_backward(
-                        upsampled_gradient, list(size), [1, classes, last - first, width], False
-                    )
-                )
-        ctx.save_for_backward(gradient)
-        ctx.logits_dtype = logits.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (gradient,) = ctx.saved_tensors
-        return (gradient * grad_output).to(ctx.logits_dtype), None, None, None
-
-
-# ---------------------------------------------------------------------------------------
-# Processes, devices, randomness
-# ---------------------------------------------------------------------------------------
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """The process's place in a torchrun job (or a single process) and its device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise SegformerError(f"device {device_name!r} requested but CUDA is not available")
-    if world_size > 1:
-        info = Distributed(
-            int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0"))
-        )
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(info.local_rank)
-            return info, torch.device("cuda", info.local_rank)
-        return info, torch.device("cpu")
-    if cuda:
-        return Distributed(), torch.device(
-            device_name if device_name.startswith("cuda") else "cuda"
-        )
-    return Distributed(), torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's global RNG states, in plain types (loadable with weights_only=True)."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": position,
-            "has_gauss": has_gauss,
-            "gauss": gauss,
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"])
-    )
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(
         device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write the checkpoint through a temporary file beside ``path`` that is renamed into
-    place: a kill at any moment leaves either the complete new file or none."""
-    from segformer.inference.segmenter import write_atomic
-
-    write_atomic(path, lambda file: torch.save(state, file))
-
-
-def remove_partial_checkpoints(folder: Path) -> None:
-    """Temporary files of checkpoint writes that a kill interrupted."""
-    if folder.is_dir():
-        for leftover in folder.glob(".step-*.tmp*"):
-            leftover.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for damaged or foreign files
-        raise SegformerError(
-            f"{path}: not a readable training checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SegformerError(f"{path}: not a segformer training checkpoint")
-    if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise SegformerError(
-            f"{path}: written by a newer segformer (checkpoint version {state['version']})"
-        )
-    return state
-
-
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
-
-
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in ``folder``, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m[1]), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
-    return sorted(found)
-
-
-def find_resume_checkpoint(target: str | os.PathLike[str]) -> Path:
-    """A checkpoint file, or the latest one of a run folder."""
-    path = Path(target)
-    if path.is_file():
-        return path
-    for folder in (path / "checkpoints", path):
-        found = list_checkpoints(folder)
-        if found:
-            return found[-1][1]
-    raise SegformerError(f"{path}: no checkpoint to resume from (looked for checkpoints/step-*.pt)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -455,8 +253,6 @@ def resolve_labels(
     if dataset.labels:
         return list(dataset.labels), dataset.palette, f"the {config.format} format"
     if not is_variant(config.model):
-        import segformer
-
         try:
             start = segformer.load(config.model, task="semantic-segmentation")
         except SegformerError:
@@ -469,7 +265,6 @@ def resolve_labels(
 def build_model(config: TrainConfig, labels: list[str]) -> SegformerForSemanticSegmentation:
     """A fresh model (``config.model`` is a variant) or one started from a checkpoint, with a
     classifier for ``labels`` (made anew, near zero, when the checkpoint's label set differs)."""
-    import segformer
 
     overrides = {} if config.drop_path_rate is None else {"drop_path_rate": config.drop_path_rate}
     torch.manual_seed(config.seed)
@@ -509,7 +304,6 @@ def resolve_class_weights(config: TrainConfig, report: Any, num_labels: int) -> 
 
 
 def inference_mode(config: TrainConfig) -> Any:
-    from segformer.inference.modes import InferenceMode
 
     if config.eval_mode == "slide":
         return InferenceMode(
@@ -522,7 +316,6 @@ def image_processor(config: TrainConfig) -> Any:
     """How validation (and, through the exported preprocessor_config.json, every later
     prediction) turns an image into pixel values: a keep-ratio resize into ``eval_scale``, a
     fixed ``eval_size``, or the native size."""
-    from segformer.inference.processing import ImageProcessor
 
     if config.eval_size:
         return ImageProcessor(do_resize=True, size=tuple(config.eval_size))
@@ -538,37 +331,35 @@ def image_processor(config: TrainConfig) -> Any:
 
 
 class BatchStream:
-    """Endless training batches, epoch after epoch, remembering the position (epoch and
-    batches consumed in it) that a checkpoint needs to continue from the next batch."""
+    """Endless training batches, epoch after epoch. The position (epoch and batches consumed
+    in it) that a checkpoint needs to continue from the next batch is kept in the run's
+    ``RunState``."""
 
     def __init__(
         self,
         loader: torch.utils.data.DataLoader,
         sampler: Any,
         batch_size: int,
-        epoch: int,
-        batches_done: int,
+        position: RunState,
     ):
         self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
-        self.epoch, self.batches_done = epoch, batches_done
+        self.position = position
         self._iterator: Iterator | None = None
 
     def __next__(self) -> dict[str, Tensor]:
+        position = self.position
         while True:
             if self._iterator is None:
-                self.sampler.set_epoch(self.epoch, skip=self.batches_done * self.batch_size)
-                self._iterator = iter(self.loader)
+                self.sampler.set_epoch(position.epoch, skip=position.batches_done * self.batch_size)
+                self._iterator = loader_batches(self.loader)
             try:
                 batch = next(self._iterator)
             except StopIteration:
                 self._iterator = None
-                self.epoch, self.batches_done = self.epoch + 1, 0
+                position.epoch, position.batches_done = position.epoch + 1, 0
                 continue
-            self.batches_done += 1
+            position.batches_done += 1
             return batch
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
 
 
 class WeightAverage:
@@ -604,6 +395,105 @@ class WeightAverage:
         self.updates = int(state["updates"])
 
 
+# ---------------------------------------------------------------------------------------
+# The state of a run
+# ---------------------------------------------------------------------------------------
+def _no_best() -> dict[str, Any]:
+    return {"mIoU": None, "step": None, "confusion": None}
+
+
+@dataclass
+class RunState:
+    """Where a run is. ``step``: optimizer steps done; ``epoch`` / ``batches_done``: the data
+    position (batches consumed in that epoch); ``best``: the best validation (mIoU, step,
+    confusion counts); ``history``: the logged training and validation records. These are
+    what a checkpoint saves beside the weights. ``saved_step`` / ``validated_step``: the last
+    step this process checkpointed / validated at, so the end of the run does neither twice."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    best: dict[str, Any] = field(default_factory=_no_best)
+    history: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {"train": [], "val": []}
+    )
+    saved_step: int | None = None
+    validated_step: int | None = None
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint entries this state fills (the file format's step, data, best,
+        history)."""
+        return {
+            "step": self.step,
+            "data": {"epoch": self.epoch, "batches_done": self.batches_done},
+            "best": self.best,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> RunState:
+        step = int(checkpoint["step"])
+        return cls(
+            step=step,
+            epoch=int(checkpoint["data"]["epoch"]),
+            batches_done=int(checkpoint["data"]["batches_done"]),
+            best=checkpoint["best"],
+            history=checkpoint["history"],
+            saved_step=step,
+        )
+
+    def record_training(self, loss: float, lr: float, images_per_s: float) -> dict[str, float]:
+        record = {"step": self.step, "loss": loss, "lr": lr, "images_per_s": images_per_s}
+        self.history["train"].append(record)
+        return record
+
+    def record_validation(self, metrics: SegmentationMetrics) -> bool:
+        """Add a validation result; returns whether it is a new best."""
+        summary = metrics.summary()
+        self.history["val"].append({"step": self.step, **summary})
+        self.validated_step = self.step
+        if self.best["mIoU"] is not None and summary["mIoU"] <= self.best["mIoU"]:
+            return False
+        self.best.update(
+            {"mIoU": summary["mIoU"], "step": self.step, "confusion": metrics.confusion.tolist()}
+        )
+        return True
+
+    def best_metrics(self, labels: list[str]) -> SegmentationMetrics | None:
+        if not self.best["confusion"]:
+            return None
+        return SegmentationMetrics(labels, np.asarray(self.best["confusion"], dtype=np.int64))
+
+
+@dataclass
+class Learner:
+    """The model and what trains it. ``ema``: the weight average, when the run keeps one; it
+    is then what validation sees and what is exported (``evaluated``)."""
+
+    model: SegformerForSemanticSegmentation
+    ema: WeightAverage | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
+
+
+@dataclass
+class RunData:
+    """The run's data: class names and colours, loss weights, and the loaders."""
+
+    labels: list[str]
+    palette: list[list[int]] | None
+    class_weights: Tensor | None
+    loader: torch.utils.data.DataLoader
+    sampler: Any
+    val_set: SegmentationDataset | None
+    val_loader: torch.utils.data.DataLoader | None
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -625,24 +515,138 @@ def train(
     """Train as ``config`` says. ``resume``: True (the latest checkpoint of
     ``config.output_dir``), a run folder, or a checkpoint file; the run's saved config is then
     used, with ``overrides`` (settings given explicitly this time) applied on top."""
-    # -- where we start from ----------------------------------------------------------------
-    checkpoint, checkpoint_path = None, None
-    if resume:
-        checkpoint_path = find_resume_checkpoint(config.output_dir if resume is True else resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        saved = TrainConfig.from_dict(checkpoint["train_config"])
-        config = TrainConfig.from_dict(overrides or {}, base=saved)
-        changed = [
-            f"{k}: {getattr(saved, k)!r} → {getattr(config, k)!r}"
-            for k in (overrides or {})
-            if getattr(saved, k.replace("-", "_")) != getattr(config, k.replace("-", "_"))
-        ]
-        if changed:
-            log.warning(
-                "resuming with changed settings (no longer an exact continuation): %s",
-                "; ".join(changed),
-            )
+    config, checkpoint = starting_point(config, resume, overrides)
+    process, device = set_up_process(config)
+    run_dir = Path(config.output_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    if checkpoint is None and list_checkpoints(checkpoint_dir):
+        raise SegformerError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+        )
+    if process.is_main:
+        for leftover in remove_interrupted_writes(run_dir):
+            log.info("removed %s (left by an interrupted write)", leftover)
 
+    with _removed_if_failed(run_dir, process) as cleanup:
+        data = prepare_data(config, checkpoint, process, device)
+        learner = build_learner(config, data, checkpoint, device)
+        state = RunState.from_checkpoint(checkpoint) if checkpoint else RunState()
+        if checkpoint is None:
+            seed_everything(config.seed + process.rank)  # each its own dropout / drop-path stream
+        elif not restore_rng(checkpoint["rng"], process, config.seed, state.step):
+            log.warning(
+                "resuming on %d processes a run saved on %d: random streams restart",
+                process.world_size,
+                len(checkpoint["rng"]),
+            )
+        trained = _for_processes(learner.model, process, device)
+        batches = BatchStream(data.loader, data.sampler, config.batch_size, state)
+        writer = None
+        if process.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir / "config.yaml")
+            writer = _tensorboard(run_dir)
+            if writer is not None:
+                cleanup.callback(writer.close)
+        progress = cleanup.enter_context(
+            contextlib.closing(_progress(config.max_steps, state.step, process.is_main))
+        )
+
+        # -- the loop ---------------------------------------------------------------------
+        images_per_step = config.batch_size * config.grad_accum_steps * process.world_size
+        window = _LossWindow(device, state.step)
+        last_metrics: SegmentationMetrics | None = None
+        while state.step < config.max_steps:
+            losses, lr = train_step(learner, trained, batches, data, config, process, state.step)
+            window.add(losses)
+            state.step += 1
+            progress.update(1)
+            if state.step % config.log_interval == 0 or state.step == config.max_steps:
+                loss, speed = window.close(state.step, process, images_per_step)
+                record = state.record_training(loss, lr, speed)
+                _log_training(record, state.epoch, writer, progress)
+            if (
+                data.val_loader is not None
+                and config.eval_interval
+                and state.step % config.eval_interval == 0
+            ):
+                last_metrics = validate_and_record(
+                    learner, data, state, config, process, device, writer, progress
+                )
+            # A new best is checkpointed too, so the best weights can always be resumed from.
+            if (
+                state.step % config.checkpoint_interval == 0
+                or state.step == config.max_steps
+                or state.best["step"] == state.step
+            ):
+                save_checkpoint_of(learner, data, state, config, process)
+        progress.close()
+
+        # -- the end ----------------------------------------------------------------------
+        if data.val_loader is not None and state.validated_step != state.step:
+            last_metrics = validate_and_record(
+                learner, data, state, config, process, device, writer, progress
+            )
+            if state.saved_step == state.step:  # the final checkpoint should know this result
+                save_checkpoint_of(learner, data, state, config, process)  # a collective
+        best_metrics = state.best_metrics(data.labels)
+        if process.is_main:
+            export_model(learner, config, data.palette, last_metrics, state.step, run_dir / "last")
+            if data.val_loader is None:
+                export_model(learner, config, data.palette, None, state.step, run_dir / "best")
+            write_reports(run_dir, config, state, best_metrics, data.palette)
+        if process.active:
+            dist.barrier()
+        return TrainResult(
+            run_dir, state.step, state.best["step"], best_metrics, last_metrics, state.history
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Setting a run up
+# ---------------------------------------------------------------------------------------
+def starting_point(
+    config: TrainConfig, resume: str | os.PathLike[str] | bool, overrides: dict[str, Any] | None
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run's config and the checkpoint to continue from (None: start at step 0).
+
+    Resuming takes the saved config with ``overrides`` on top. A run folder that has its
+    config.yaml but no complete checkpoint yet (killed before or during its first checkpoint
+    write) is started again from step 0 with that config: nothing of it could be kept."""
+    if not resume:
+        return config, None
+    target = Path(config.output_dir if resume is True else resume)
+    try:
+        path = find_resume_checkpoint(target)
+    except SegformerError:
+        if not (target / "config.yaml").is_file():
+            raise
+        log.warning(
+            "%s: no complete checkpoint yet: starting the run again from step 0 with its saved config",
+            target,
+        )
+        return TrainConfig.from_dict(
+            overrides or {}, TrainConfig.from_file(target / "config.yaml")
+        ), None
+    checkpoint = load_checkpoint(path)
+    saved = TrainConfig.from_dict(checkpoint["train_config"])
+    config = TrainConfig.from_dict(overrides or {}, base=saved)
+    changed = [
+        f"{k}: {getattr(saved, k)!r} → {getattr(config, k)!r}"
+        for k in (key.replace("-", "_") for key in overrides or {})
+        if getattr(saved, k) != getattr(config, k)
+    ]
+    if changed:
+        log.warning(
+            "resuming with changed settings (no longer an exact continuation): %s",
+            "; ".join(changed),
+        )
+    log.info("resumed from %s at step %d", path, checkpoint["step"])
+    return config, checkpoint
+
+
+def set_up_process(config: TrainConfig) -> tuple[Distributed, torch.device]:
+    """This process's place in the job, its device, threads and determinism."""
     process, device = setup_distributed(config.device)
     if config.precision == "fp16" and device.type != "cuda":
         raise SegformerError("fp16 training needs a CUDA device; use precision bf16 on CPU")
@@ -654,16 +658,33 @@ def train(
             torch.backends.cudnn.benchmark = False
         # CUDA has no deterministic bilinear-upsampling backward: warn there instead of failing.
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-    run_dir = Path(config.output_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    if checkpoint is None and list_checkpoints(checkpoint_dir):
-        raise SegformerError(
-            f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
-        )
-    if process.is_main:
-        remove_partial_checkpoints(checkpoint_dir)
+    return process, device
 
-    # -- data ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _removed_if_failed(run_dir: Path, process: Distributed) -> Iterator[contextlib.ExitStack]:
+    """Closes what is registered on the yielded stack (event writer, progress bar); and when
+    the block fails, removes the run folder if this call created it and no checkpoint was
+    saved: a failed first attempt leaves nothing behind that a retry would trip over."""
+    created = process.is_main and not run_dir.exists()
+    with contextlib.ExitStack() as cleanup:
+        try:
+            yield cleanup
+        except Exception:
+            cleanup.close()
+            if created and not list_checkpoints(run_dir / "checkpoints"):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+
+def prepare_data(
+    config: TrainConfig,
+    checkpoint: dict[str, Any] | None,
+    process: Distributed,
+    device: torch.device,
+) -> RunData:
+    """Open the splits, settle the class names, check every mask (pre-flight), and make the
+    training and validation loaders."""
     train_set = open_split(config, config.train_split, exclude=config.train_exclude)
     val_set = (
         open_split(config, config.val_split, include=config.val_include)
@@ -673,18 +694,7 @@ def train(
     if checkpoint is not None:
         labels, palette = list(checkpoint["labels"]), checkpoint.get("palette")
     else:
-        labels, palette, label_source = resolve_labels(config, train_set)
-        if labels is None:
-            report = scan(train_set, num_labels=IGNORE_INDEX)  # any id is fine: we learn the count
-            present = np.nonzero(report.class_pixels)[0]
-            if not len(present):
-                raise DataError(f"{train_set.name}: every mask is entirely ignored")
-            labels = [f"class_{i}" for i in range(int(present.max()) + 1)]
-            log.warning(
-                "no class names given (labels: a JSON file): using %d generic ones", len(labels)
-            )
-        else:
-            log.info("%d classes, named by %s", len(labels), label_source)
+        labels, palette = class_names(config, train_set)
     report = None
     if config.preflight:
         started = time.perf_counter()
@@ -696,7 +706,6 @@ def train(
         )
         log.info("pre-flight: %s images checked in %.1f s", checked, time.perf_counter() - started)
     class_weights = resolve_class_weights(config, report, len(labels))
-
     transform = TrainTransform(
         crop_size=tuple(config.crop_size),
         scale=tuple(config.scale) if config.scale else None,
@@ -706,8 +715,12 @@ def train(
         photometric=config.photometric,
         lighting=config.lighting,
     )
+    # Without the pre-flight scan each mask is checked as it is read.
+    augmented = AugmentedDataset(
+        train_set, transform, config.seed, num_labels=None if config.preflight else len(labels)
+    )
     loader, sampler = train_loader(
-        AugmentedDataset(train_set, transform, config.seed),
+        augmented,
         config.batch_size,
         config.num_workers,
         config.seed,
@@ -720,23 +733,47 @@ def train(
         if val_set
         else None
     )
+    weights = (
+        torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    )
+    return RunData(labels, palette, weights, loader, sampler, val_set, val_loader)
 
-    # -- model and optimisation -------------------------------------------------------------
+
+def class_names(
+    config: TrainConfig, train_set: SegmentationDataset
+) -> tuple[list[str], list[list[int]] | None]:
+    """The classes of a new run: named by a labels file, the format or the starting model;
+    else generic names for every id the masks use."""
+    labels, palette, label_source = resolve_labels(config, train_set)
+    if labels is not None:
+        log.info("%d classes, named by %s", len(labels), label_source)
+        return labels, palette
+    report = scan(train_set, num_labels=IGNORE_INDEX)  # any id is fine: we learn the count
+    present = np.nonzero(report.class_pixels)[0]
+    if not len(present):
+        raise DataError(f"{train_set.name}: every mask is entirely ignored")
+    labels = [f"class_{i}" for i in range(int(present.max()) + 1)]
+    log.warning("no class names given (labels: a JSON file): using %d generic ones", len(labels))
+    return labels, palette
+
+
+def build_learner(
+    config: TrainConfig, data: RunData, checkpoint: dict[str, Any] | None, device: torch.device
+) -> Learner:
+    """The model (new, from a checkpoint to start from, or the run's own checkpoint), its
+    weight average, AdamW, the schedule and the loss scaler; restored from ``checkpoint``."""
     if checkpoint is not None:
         model = SegformerForSemanticSegmentation(
             SegformerConfig.from_hf_dict(checkpoint["model_config"])
         )
         model.load_state_dict(checkpoint["model"])
     else:
-        model = build_model(config, labels)
-    model.metadata = _export_metadata(config, palette, None, 0)
+        model = build_model(config, data.labels)
+    model.metadata = _export_metadata(config, data.palette, None, 0)
     model.to(device).train()
     # The averaged weights are what validation sees and what is exported; the optimiser
     # trains ``model``.
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
-    if ema is not None and checkpoint is not None and "ema" in checkpoint:
-        ema.load_state_dict(checkpoint["ema"])
-    evaluated = ema.model if ema is not None else model
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
         lr=config.lr,
@@ -744,14 +781,9 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules(config, optimizer))
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    weights = (
-        torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
-    )
-
-    step, epoch, batches_done = 0, 0, 0
-    best: dict[str, Any] = {"mIoU": None, "step": None, "confusion": None}
-    history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
     if checkpoint is not None:
+        if ema is not None and "ema" in checkpoint:
+            ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         # The schedule is a function of the step and of this run's settings (which may extend
@@ -762,260 +794,254 @@ def train(
         ):
             group["lr"] = base_lr * schedule(scheduler.last_epoch)
         scaler.load_state_dict(checkpoint["scaler"])
-        step = checkpoint["step"]
-        epoch, batches_done = checkpoint["data"]["epoch"], checkpoint["data"]["batches_done"]
-        best, history = checkpoint["best"], checkpoint["history"]
-        states = checkpoint["rng"]
-        if len(states) == process.world_size:
-            set_rng_state(states[process.rank])
-        else:
-            log.warning(
-                "resuming on %d processes a run saved on %d: random streams restart",
-                process.world_size,
-                len(states),
-            )
-            seed_everything(config.seed + step + process.rank)
-        log.info("resumed from %s at step %d", checkpoint_path, step)
-    else:
-        seed_everything(
-            config.seed + process.rank
-        )  # each process its own dropout / drop-path stream
+    return Learner(model, ema, optimizer, scheduler, scaler)
 
-    trained: nn.Module = model
-    if process.active:
-        if device.type == "cuda":
-            trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trained = nn.parallel.DistributedDataParallel(
-            trained, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    batches = BatchStream(loader, sampler, config.batch_size, epoch, batches_done)
-    writer = None
-    if process.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-        writer = _tensorboard(run_dir)
 
-    def validate() -> SegmentationMetrics:
-        from segformer.inference.segmenter import Segmenter
-
-        _sync_buffers(model, process)
-        if ema is not None:
-            ema.copy_buffers(model)
-        # Exactly the prediction path: the processor and inference mode the exported model keeps.
-        segmenter = Segmenter(
-            evaluated,
-            image_processor(config),
-            device=str(device),
-            backend="auto",
-            mode=inference_mode(config),
-            max_pixels=None,
-        )
-        metrics = evaluate(segmenter, val_loader, labels)
-        model.train()
-        if ema is not None:
-            ema.model.eval()
-        summary = metrics.summary()
-        history["val"].append({"step": step, **summary})
-        if best["mIoU"] is None or summary["mIoU"] > best["mIoU"]:
-            best.update(
-                {"mIoU": summary["mIoU"], "step": step, "confusion": metrics.confusion.tolist()}
-            )
-            if process.is_main:
-                export("best", metrics)
-        if writer is not None:
-            for key, value in summary.items():
-                writer.add_scalar(f"val/{key}", value, step)
-            for name, iou in zip(metrics.labels, metrics.iou, strict=True):
-                if not math.isnan(iou):
-                    writer.add_scalar(f"val_iou/{name}", 100 * iou, step)
-        if process.is_main:
-            progress.write(
-                f"step {step}: val mIoU {summary['mIoU']:.2f}  mAcc {summary['mAcc']:.2f}  aAcc {summary['aAcc']:.2f}"
-                f"  (best {best['mIoU']:.2f} at step {best['step']})"
-            )
-        return metrics
-
-    def checkpoint_state() -> dict[str, Any]:
-        _sync_buffers(model, process)
-        rng = [rng_state()]
-        if process.active:
-            rng = [None] * process.world_size
-            dist.all_gather_object(rng, rng_state())
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": step,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            **({"ema": ema.state_dict()} if ema is not None else {}),
-            "model_config": model.config.to_hf_dict(),
-            "labels": labels,
-            "palette": palette,
-            "train_config": dataclasses.asdict(config),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng,
-            "data": batches.position(),
-            "best": best,
-            "history": history,
-        }
-
-    def save_and_prune(state: dict[str, Any]) -> None:
-        save_checkpoint(state, checkpoint_dir / f"step-{step:07d}.pt")
-        keep = {path for _, path in list_checkpoints(checkpoint_dir)[-config.keep_checkpoints :]}
-        if best["step"] is not None:
-            keep.add(checkpoint_dir / f"step-{best['step']:07d}.pt")
-        for _, path in list_checkpoints(checkpoint_dir):
-            if path not in keep:
-                path.unlink(missing_ok=True)
-
-    def export(folder: str, metrics: SegmentationMetrics | None) -> None:
-        import segformer
-
-        if ema is not None:
-            ema.copy_buffers(model)
-        evaluated.metadata = _export_metadata(config, palette, metrics, step)
-        segformer.save(evaluated, run_dir / folder)
-
-    # -- the loop ---------------------------------------------------------------------------
-    images_per_step = config.batch_size * config.grad_accum_steps * process.world_size
-    progress = _progress(config.max_steps, step, process.is_main)
-    running_loss, running_count = torch.zeros((), device=device), 0
-    window_start, window_step = time.perf_counter(), step
-    last_metrics: SegmentationMetrics | None = None
-    saved_step, validated_step = (step if checkpoint is not None else None), None
-    while step < config.max_steps:
-        for micro in range(config.grad_accum_steps):
-            batch = next(batches)
-            pixel_values = batch["pixel_values"].to(device, non_blocking=True)
-            target = batch["labels"].to(device, non_blocking=True)
-            # Under DDP, gradients are averaged across processes only on the last micro-batch.
-            accumulate_only = process.active and micro < config.grad_accum_steps - 1
-            with trained.no_sync() if accumulate_only else contextlib.nullcontext():
-                with autocast(device, config.precision):
-                    logits = trained(pixel_values)
-                loss = segmentation_loss(logits, target, weights)
-                _stop_if_diverged(loss, step, process, checkpoint_dir)
-                scaler.scale(loss / config.grad_accum_steps).backward()
-            running_loss += loss.detach()
-            running_count += 1
-        if config.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]  # the encoder's rate for this step
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        progress.update(1)
-
-        if step % config.log_interval == 0 or step == config.max_steps:
-            mean_loss = _mean_across(running_loss / running_count, process)
-            speed = (
-                images_per_step
-                * (step - window_step)
-                / max(time.perf_counter() - window_start, 1e-9)
-            )
-            history["train"].append(
-                {"step": step, "loss": mean_loss, "lr": lr, "images_per_s": speed}
-            )
-            if writer is not None:
-                writer.add_scalar("train/loss", mean_loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/images_per_s", speed, step)
-            progress.set_postfix(
-                loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}", epoch=batches.epoch
-            )
-            running_loss, running_count = torch.zeros((), device=device), 0
-            window_start, window_step = time.perf_counter(), step
-        if val_loader is not None and config.eval_interval and step % config.eval_interval == 0:
-            last_metrics, validated_step = validate(), step
-        # A new best is checkpointed too, so the best weights can always be resumed from.
-        if (
-            step % config.checkpoint_interval == 0
-            or step == config.max_steps
-            or best["step"] == step
-        ):
-            state = checkpoint_state()
-            if process.is_main:
-                save_and_prune(state)
-            saved_step = step
-    progress.close()
-
-    # -- the end ------------------------------------------------------------------------------
-    if val_loader is not None and validated_step != step:
-        last_metrics = validate()
-        if saved_step == step:  # the final checkpoint should know this result
-            state = checkpoint_state()  # a collective: every process takes part
-            if process.is_main:
-                save_and_prune(state)
-    best_metrics = (
-        SegmentationMetrics(labels, np.asarray(best["confusion"], dtype=np.int64))
-        if best["confusion"]
-        else None
+def _for_processes(model: nn.Module, process: Distributed, device: torch.device) -> nn.Module:
+    """What the forward pass runs: the model itself, or under torchrun its DDP wrapper."""
+    if not process.active:
+        return model
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
     )
-    if process.is_main:
-        export("last", last_metrics)
-        if val_loader is None:
-            export("best", None)
-        reports.write_json(history, run_dir / "history.json")
-        about = {
-            "step": best["step"],
-            "data": config.data,
-            "format": config.format,
-            "split": config.val_split,
-            "mode": inference_mode(config).describe(),
-        }
-        reports.write_training_report(run_dir, history, best_metrics, about, palette)
-        if writer is not None:
-            writer.close()
-        if best_metrics is not None:
-            log.info("best validation, step %s:\n%s", best["step"], best_metrics.table())
-        log.info("run folder: %s (best model: %s)", run_dir, run_dir / "best")
-    if process.active:
-        dist.barrier()
-    return TrainResult(run_dir, step, best["step"], best_metrics, last_metrics, history)
 
 
 # ---------------------------------------------------------------------------------------
-# Loop helpers
+# One step, validation, export, checkpoints, reports
 # ---------------------------------------------------------------------------------------
-def _sync_buffers(model: nn.Module, process: Distributed) -> None:
-    """Give every process rank 0's BatchNorm statistics, so evaluation and the saved model
-    agree across processes (DDP syncs buffers only at the start of a forward pass)."""
-    if process.active:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-
-
-def _mean_across(value: Tensor, process: Distributed) -> float:
-    if process.active:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= process.world_size
-    return float(value)
+def train_step(
+    learner: Learner,
+    trained: nn.Module,
+    batches: BatchStream,
+    data: RunData,
+    config: TrainConfig,
+    process: Distributed,
+    step: int,
+) -> tuple[list[Tensor], float]:
+    """One optimizer step over ``grad_accum_steps`` batches. Returns the batches' losses
+    (detached, on the device: reading them would wait for the device) and the encoder's
+    learning rate the step used."""
+    device = next(learner.model.parameters()).device
+    losses = []
+    for micro in range(config.grad_accum_steps):
+        batch = next(batches)
+        pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+        target = batch["labels"].to(device, non_blocking=True)
+        # Under DDP, gradients are averaged across processes only on the last micro-batch.
+        accumulate_only = process.active and micro < config.grad_accum_steps - 1
+        with trained.no_sync() if accumulate_only else contextlib.nullcontext():
+            with autocast(device, config.precision):
+                logits = trained(pixel_values)
+            loss = segmentation_loss(logits, target, data.class_weights)
+            _stop_if_diverged(loss, step, process, Path(config.output_dir) / "checkpoints")
+            learner.scaler.scale(loss / config.grad_accum_steps).backward()
+        losses.append(loss.detach())
+    optimizer = learner.optimizer
+    if config.clip_grad_norm is not None:
+        learner.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(learner.model.parameters(), config.clip_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    learner.scaler.step(optimizer)
+    learner.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    learner.scheduler.step()
+    if learner.ema is not None:
+        learner.ema.update(learner.model)
+    return losses, lr
 
 
 def _stop_if_diverged(loss: Tensor, step: int, process: Distributed, checkpoint_dir: Path) -> None:
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if process.active:  # every process stops together, none waits forever in a collective
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not bool(finite):
-        saved = list_checkpoints(checkpoint_dir)
-        keep = (
-            f"the last good checkpoint is {saved[-1][1]}"
-            if saved
-            else "no checkpoint was saved yet"
-        )
-        raise TrainingDiverged(
-            f"loss is {float(loss.detach())} at step {step + 1}: training diverged; {keep} "
-            "(resume from it with a lower lr, fp32, or clip_grad_norm)"
-        )
+    # Every process stops together, none waits forever in a collective.
+    if all_true(bool(torch.isfinite(loss.detach())), process, loss.device):
+        return
+    saved = list_checkpoints(checkpoint_dir)
+    keep = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved yet"
+    raise TrainingDiverged(
+        f"loss is {float(loss.detach())} at step {step + 1}: training diverged; {keep} "
+        "(resume from it with a lower lr, fp32, or clip_grad_norm)"
+    )
 
 
+class _LossWindow:
+    """Training losses and time since the last log line."""
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.device = device
+        self._reset(step)
+
+    def _reset(self, step: int) -> None:
+        self.total, self.count = torch.zeros((), device=self.device), 0
+        self.start, self.start_step = time.perf_counter(), step
+
+    def add(self, losses: list[Tensor]) -> None:
+        for loss in losses:
+            self.total += loss
+            self.count += 1
+
+    def close(self, step: int, process: Distributed, images_per_step: int) -> tuple[float, float]:
+        """(mean loss over the window and all processes, images per second) and a new window."""
+        loss = mean_across(self.total / self.count, process)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        speed = images_per_step * (step - self.start_step) / elapsed
+        self._reset(step)
+        return loss, speed
+
+
+def validate(
+    learner: Learner, data: RunData, config: TrainConfig, process: Distributed, device: torch.device
+) -> SegmentationMetrics:
+    """Score the evaluated weights on the validation split through exactly the prediction
+    path: the processor and inference mode the exported model keeps."""
+
+    sync_buffers(learner.model, process)
+    if learner.ema is not None:
+        learner.ema.copy_buffers(learner.model)
+    segmenter = Segmenter(
+        learner.evaluated,
+        image_processor(config),
+        device=str(device),
+        backend="auto",
+        mode=inference_mode(config),
+        max_pixels=None,
+    )
+    metrics = evaluate(segmenter, data.val_loader, data.labels, dataset=data.val_set)
+    learner.model.train()
+    if learner.ema is not None:
+        learner.ema.model.eval()
+    return metrics
+
+
+def validate_and_record(
+    learner: Learner,
+    data: RunData,
+    state: RunState,
+    config: TrainConfig,
+    process: Distributed,
+    device: torch.device,
+    writer: Any,
+    progress: Any,
+) -> SegmentationMetrics:
+    """Validate, add the result to the history, export a new best, and log it."""
+    metrics = validate(learner, data, config, process, device)
+    if state.record_validation(metrics) and process.is_main:
+        export_model(
+            learner, config, data.palette, metrics, state.step, Path(config.output_dir) / "best"
+        )
+    summary, best = metrics.summary(), state.best
+    if writer is not None:
+        for key, value in summary.items():
+            writer.add_scalar(f"val/{key}", value, state.step)
+        for name, iou in zip(metrics.labels, metrics.iou, strict=True):
+            if not math.isnan(iou):
+                writer.add_scalar(f"val_iou/{name}", 100 * iou, state.step)
+    if process.is_main:
+        progress.write(
+            f"step {state.step}: val mIoU {summary['mIoU']:.2f}  mAcc {summary['mAcc']:.2f}  aAcc {summary['aAcc']:.2f}"
+            f"  (best {best['mIoU']:.2f} at step {best['step']})"
+        )
+    return metrics
+
+
+def _log_training(record: dict[str, float], epoch: int, writer: Any, progress: Any) -> None:
+    step = record["step"]
+    if writer is not None:
+        writer.add_scalar("train/loss", record["loss"], step)
+        writer.add_scalar("train/lr", record["lr"], step)
+        writer.add_scalar("train/images_per_s", record["images_per_s"], step)
+    progress.set_postfix(
+        loss=f"{record['loss']:.4f}",
+        lr=f"{record['lr']:.2e}",
+        img_s=f"{record['images_per_s']:.1f}",
+        epoch=epoch,
+    )
+
+
+def export_model(
+    learner: Learner,
+    config: TrainConfig,
+    palette: Any,
+    metrics: SegmentationMetrics | None,
+    step: int,
+    folder: Path,
+) -> None:
+    """Save the evaluated weights as a loadable model folder, with the validation result."""
+
+    if learner.ema is not None:
+        learner.ema.copy_buffers(learner.model)
+    learner.evaluated.metadata = _export_metadata(config, palette, metrics, step)
+    segformer.save(learner.evaluated, folder)
+
+
+def checkpoint_state(
+    learner: Learner, data: RunData, state: RunState, config: TrainConfig, process: Distributed
+) -> dict[str, Any]:
+    """Everything needed to continue the run exactly (see ``training.checkpointing`` for the
+    format). A collective under torchrun: every process must call it."""
+    sync_buffers(learner.model, process)
+    model = learner.model
+    progress = state.to_checkpoint()
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": progress["step"],
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **({"ema": learner.ema.state_dict()} if learner.ema is not None else {}),
+        "model_config": model.config.to_hf_dict(),
+        "labels": data.labels,
+        "palette": data.palette,
+        "train_config": dataclasses.asdict(config),
+        "optimizer": learner.optimizer.state_dict(),
+        "scheduler": learner.scheduler.state_dict(),
+        "scaler": learner.scaler.state_dict(),
+        "rng": all_rng_states(process),
+        "data": progress["data"],
+        "best": progress["best"],
+        "history": progress["history"],
+    }
+
+
+def save_checkpoint_of(
+    learner: Learner, data: RunData, state: RunState, config: TrainConfig, process: Distributed
+) -> None:
+    """Checkpoint the run at its current step (rank 0 writes; every process takes part)."""
+    checkpoint = checkpoint_state(learner, data, state, config, process)
+    if process.is_main:
+        save_and_prune(
+            checkpoint,
+            Path(config.output_dir) / "checkpoints",
+            config.keep_checkpoints,
+            state.best["step"],
+        )
+    state.saved_step = state.step
+
+
+def write_reports(
+    run_dir: Path,
+    config: TrainConfig,
+    state: RunState,
+    best_metrics: SegmentationMetrics | None,
+    palette: Any,
+) -> None:
+    """history.json, the plots, and the best validation's metrics.json and table."""
+    reports.write_json(state.history, run_dir / "history.json")
+    about = {
+        "step": state.best["step"],
+        "data": config.data,
+        "format": config.format,
+        "split": config.val_split,
+        "mode": inference_mode(config).describe(),
+    }
+    reports.write_training_report(run_dir, state.history, best_metrics, about, palette)
+    if best_metrics is not None:
+        log.info("best validation, step %s:\n%s", state.best["step"], best_metrics.table())
+    log.info("run folder: %s (best model: %s)", run_dir, run_dir / "best")
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------
 def _export_metadata(
     config: TrainConfig, palette: Any, metrics: SegmentationMetrics | None, step: int
 ) -> ModelMetadata:
@@ -1051,7 +1077,6 @@ def _tensorboard(run_dir: Path) -> Any:
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
 
     return tqdm(
         total=total,

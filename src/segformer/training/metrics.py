@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from segformer.inference.segmenter import Segmenter
-from segformer.training.datasets import eval_loader
+from segformer.training.datasets import check_labels, eval_loader, loader_batches
 
 IGNORE_INDEX = 255
 
@@ -201,20 +201,30 @@ def evaluate(
     batches: Iterable[list[dict[str, Any]]],
     labels: list[str] | None = None,
     progress: bool = False,
+    dataset: Any = None,
 ) -> SegmentationMetrics:
     """Metrics of ``segmenter`` (a ``segformer.Segmenter``: the very path ``segformer predict``
     takes — its image processor, inference mode and engine) over ``batches`` of
-    ``{"image": uint8 (H, W, 3), "labels": (H, W)}`` items, as ``data.eval_loader`` yields
-    them. Predictions come back at each label map's own size. Under torch.distributed each
-    process evaluates its share and the counts are summed."""
+    ``{"image": uint8 (H, W, 3), "labels": (H, W), "index": i}`` items, as
+    ``datasets.eval_loader`` yields them. Predictions come back at each label map's own size.
+    ``dataset`` (the batches' source) names the mask file when a label is out of range. Under
+    torch.distributed each process evaluates its share and the counts are summed."""
+
     names = list(labels or segmenter.labels)
     confusion = ConfusionMatrix(len(names))
+    batches = loader_batches(batches)
     if progress:
         batches = tqdm(batches, unit="batch", desc="evaluating", dynamic_ncols=True)
     for items in batches:
         results = segmenter([item["image"].numpy() for item in items], batch_size=len(items))
         for item, result in zip(items, results, strict=True):
-            confusion.update(torch.from_numpy(result.labels.astype(np.int64)), item["labels"])
+            prediction = torch.from_numpy(result.labels.astype(np.int64))
+            try:
+                confusion.update(prediction, item["labels"])
+            except ValueError:  # e.g. a label outside the classes, when the scan was skipped
+                if dataset is not None:  # names the mask and the stored value when it is one
+                    check_labels(dataset, item["index"], item["labels"].numpy(), len(names))
+                raise
     confusion.all_reduce()
     return confusion.compute(names)
 
@@ -253,4 +263,6 @@ def evaluate_dataset(
         max_pixels=None,
     )
     batches = eval_loader(dataset, num_workers, rank, world, batch_size)
-    return evaluate(segmenter, batches, list(model.labels), progress=progress and rank == 0)
+    return evaluate(
+        segmenter, batches, list(model.labels), progress=progress and rank == 0, dataset=dataset
+    )
