@@ -62,6 +62,7 @@ from segformer.inference.processing import ImageProcessor, read_image
 from segformer.inference.segmenter import Segmenter
 from segformer.models.fast import FastSegformer
 from segformer.models.segformer import SegformerForSemanticSegmentation
+from segformer.tools.allocator import check_openvino_allocator
 from segformer.training.datasets import SegmentationDataset
 from segformer.training.metrics import ConfusionMatrix, SegmentationMetrics
 from segformer.weights.checkpoints import save
@@ -102,6 +103,7 @@ SHAPES_KEPT = 4
 @functools.cache
 def _core() -> ov.Core:
     """One OpenVINO core per process: it owns the CPU plugin and its thread pools."""
+    check_openvino_allocator()
     return ov.Core()
 
 
@@ -419,6 +421,7 @@ def quantize(
     if samples < 1 or (val_samples is not None and val_samples < 1):
         raise SegformerError("samples and val_samples must be at least 1")
     _check_labels(model, validation)
+    check_openvino_allocator()  # before the minutes of work, not at the first compile
     model = model.eval().to("cpu")
     processor = ImageProcessor.from_model(model)
     seconds: dict[str, float] = {}
