@@ -23,6 +23,11 @@ class InputError(SegformerError):
     that would overwrite an input)."""
 
 
+class AccuracyError(SegformerError):
+    """A converted or quantized model that fails its accuracy check against the original (or
+    whose accuracy could not be checked)."""
+
+
 class VideoRefused(SegformerError):
     """A video upload the server cannot take as a job; ``status`` is the HTTP status to answer
     with."""

@@ -18,6 +18,11 @@ the same variables for launching anything else (a uvicorn worker, a benchmark su
 
 ``SEGFORMER_ALLOCATOR``: ``auto`` (default: tcmalloc if present, else tuned glibc),
 ``tcmalloc``, ``glibc`` (tuned glibc), or ``system`` (change nothing).
+
+OpenVINO's CPU plugin aborts (``free(): invalid pointer``) in any process with tcmalloc (or
+jemalloc, mimalloc) preloaded: it is loaded with its own symbol binding, so memory allocated
+by one allocator is freed by the other (openvinotoolkit/openvino#29025). The subcommands in
+``OPENVINO_COMMANDS`` therefore get tuned glibc instead.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+
+from segformer.errors import SegformerError
 
 TCMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -46,6 +53,9 @@ GLIBC_TUNING = (
     "glibc.malloc.hugetlb=1",
 )
 CHOICES = ("auto", "tcmalloc", "glibc", "system")
+# Subcommands that run OpenVINO, which cannot live with a preloaded allocator (see above).
+OPENVINO_COMMANDS = frozenset({"quantize"})
+PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 _MARK = "SEGFORMER_ALLOCATOR_SET"
 
 
@@ -67,12 +77,14 @@ def allocator_in_use() -> str:
     return "glibc"
 
 
-def environment(base: dict[str, str] | None = None) -> dict[str, str]:
+def environment(base: dict[str, str] | None = None, allow_preload: bool = True) -> dict[str, str]:
     """The environment variables to add so that a new process starts with the preferred
     allocator (empty when ``SEGFORMER_ALLOCATOR=system``, on non-Linux systems, or when the
-    choice is in place already)."""
+    choice is in place already). ``allow_preload=False``: never tcmalloc (for OpenVINO)."""
     env = os.environ if base is None else base
     choice = env.get("SEGFORMER_ALLOCATOR", "auto").strip().lower() or "auto"
+    if not allow_preload and choice in ("auto", "tcmalloc"):
+        choice = "glibc"
     if choice == "system" or not sys.platform.startswith("linux"):
         return {}
     preload = env.get("LD_PRELOAD", "")
@@ -87,6 +99,18 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return {"GLIBC_TUNABLES": ":".join(filter(None, [tunables, *GLIBC_TUNING]))}
 
 
+def check_openvino_allocator() -> None:
+    """Raise, in one line, when this process has an allocator preloaded that OpenVINO's CPU
+    plugin would abort on (better than a crash with no message)."""
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    for name in PRELOADED_ALLOCATORS:
+        if name in preloaded:
+            raise SegformerError(
+                f"OpenVINO aborts with {name} preloaded (LD_PRELOAD={preloaded}): run without it "
+                "(for segformer: SEGFORMER_ALLOCATOR=glibc)"
+            )
+
+
 def use_fast_allocator(argv: list[str], script: bool = False) -> None:
     """Re-execute this process once with ``environment()`` applied, when it changes anything:
     as ``segformer`` with ``argv``, or with ``script`` as this Python script (``sys.argv[0]``,
@@ -94,7 +118,8 @@ def use_fast_allocator(argv: list[str], script: bool = False) -> None:
     imported (its memory already came from the old allocator), so then it does nothing."""
     if os.environ.get(_MARK) or "torch" in sys.modules:
         return
-    changes = environment()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    changes = environment(allow_preload=command not in OPENVINO_COMMANDS)
     if not changes:
         return
     env = {**os.environ, **changes, _MARK: "1"}
