@@ -112,6 +112,25 @@ def cpu_has_bf16() -> bool:
     return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def compile_config(
+    precision: str, threads: int | None = None, cache: bool = True
+) -> dict[str, Any]:
+    """The CPU plugin configuration for ``precision`` ("fp32", "bf16", "int8"): latency-oriented
+    (one stream, every thread on one request), the precision hint, threads (default:
+    PyTorch's thread count) and, with ``cache``, the compiled-blob cache."""
+    # int8: the hint is for the ops left unquantized, bf16 (faster) where the CPU has it.
+    int8_hint = "bf16" if precision == "int8" and cpu_has_bf16() else "f32"
+    hint = _HINTS.get(precision, int8_hint)
+    config: dict[str, Any] = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": hint,
+        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+    }
+    if cache:
+        config["CACHE_DIR"] = str(ir_cache_dir() / "blobs")
+    return config
+
+
 def ir_cache_dir() -> Path:
     return cache_dir() / "openvino"
 
@@ -218,7 +237,7 @@ class OpenVinoEngine(Engine):
             raise SegformerError("max_shapes must be at least 1")
         self.static = static
         self.max_shapes = max_shapes
-        self.config = self._config(threads, cache)
+        self.config = compile_config(precision, threads, cache)
         self._lock = threading.Lock()  # an infer request runs one call at a time
         self._model: Any | None = None  # the dynamic openvino.Model, read when first needed
         if ir_path is not None:
@@ -238,22 +257,6 @@ class OpenVinoEngine(Engine):
         )
         if not static:
             self._compiled_for(None)
-
-    def _config(self, threads: int | None, cache: bool) -> dict[str, Any]:
-        """The CPU plugin configuration: latency-oriented (one stream, every thread on one
-        request), the precision hint, threads and the blob cache."""
-        if self.precision == "int8":
-            hint = "bf16" if cpu_has_bf16() else "f32"  # for the ops left unquantized
-        else:
-            hint = _HINTS[self.precision]
-        config: dict[str, Any] = {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": hint,
-            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
-        }
-        if cache:
-            config["CACHE_DIR"] = str(ir_cache_dir() / "blobs")
-        return config
 
     def _dynamic_model(self) -> Any:
         if self._model is None:
