@@ -189,7 +189,7 @@ def test_photo_job_labels_auto_by_what_it_runs(tiny_folder, tmp_path):
         with_transformers=False,
     )
     default = default_backend("fp32", torch.device("cpu"))
-    assert [row["engine"] for row in job["results"]][0] == f"{default} fp32"
+    assert job["results"][0]["engine"] == f"{default} fp32"
     assert all(row["label_agreement"] == pytest.approx(1.0) for row in job["results"])
 
 
