@@ -380,9 +380,6 @@ class _TransformersOnnxRuntime:
         import onnxruntime as ort
 
         path = os.path.join(folder, "transformers.onnx")
-        exporter_log = logging.getLogger("torch.onnx")
-        level = exporter_log.level
-        exporter_log.setLevel(logging.ERROR)  # progress chatter, not results
         with (
             torch.no_grad(),
             contextlib.redirect_stdout(io.StringIO()),
@@ -390,7 +387,10 @@ class _TransformersOnnxRuntime:
             contextlib.ExitStack() as restore,
         ):
             warnings.simplefilter("ignore")
-            restore.callback(exporter_log.setLevel, level)
+            for name in ("torch.onnx", "onnxscript", "onnx_ir"):  # progress chatter
+                exporter_log = logging.getLogger(name)
+                restore.callback(exporter_log.setLevel, exporter_log.level)
+                exporter_log.setLevel(logging.ERROR)
             torch.onnx.export(_LogitsOnly(model), (pixels,), path, input_names=["pixel_values"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
