@@ -3,19 +3,25 @@ the same weights, inputs, threads and allocator, interleaved in one process.
 
 Jobs (the targets of the engine issue):
 
-1. B0 at 512×512, real Cityscapes weights, a real street photo: every engine.
+1. B0 at 512×512, real Cityscapes weights, a real street photo: every engine (OpenVINO fp32,
+   bf16, and int8 with ``--int8 FOLDER``), against transformers eager and the routes a user
+   has without us: transformers' graph on OpenVINO fp32/bf16 and transformers' own ONNX
+   export on onnxruntime (``peer_ratio``: against the fastest of those).
 2. B2 at 512×512, random weights: the exact path and the fast path.
 3. B0 at 1024×2048 (Cityscapes' full resolution), real weights: the exact path.
 4. A 640×480 photo file to full-resolution labels (decode → preprocess → model → labels)
    against transformers' processor + model + post_process_semantic_segmentation.
 5. ``labels_from_logits`` against upsample-every-class-then-argmax on real logits.
 6. Peak resident memory of job 4, each pipeline alone in a fresh process.
-7. The compiled backend's first call in a first process and in a second one (warm cache).
+7. Start-up, creation to first result, in a first process (empty cache: compile, or for
+   OpenVINO convert + compile) and in a second one (warm cache): compiled bf16, OpenVINO fp32.
 8. Label agreement of the fast paths with the exact path over real photos.
 9. Parameters and GMACs of every variant (the paper's table) and the floors on this machine.
 
     python benchmarks/bench_inference.py                  # everything (~15 min on 2 cores)
     python benchmarks/bench_inference.py --quick          # fewer rounds and jobs, a smoke test
+    python benchmarks/bench_inference.py --int8 FOLDER    # job 1 from a `segformer quantize`
+                                                          # folder of the same weights: + int8
 
 Needs ../shared (real weights and photos) and transformers. Writes JSON (``--out``), a PNG
 chart (``--chart``) and prints the Markdown tables that README.md shows.
@@ -73,7 +79,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"Machine: {machine['cpu']} ({', '.join(machine.get('cpu_features', []))}), {bench.thread_count_text(machine)}, "
         f"allocator {machine['allocator']}; Python {machine['python']}, torch {machine['torch']}, "
-        f"transformers {machine.get('transformers', '–')}, onnxruntime {machine.get('onnxruntime', '–')}. "
+        f"transformers {machine.get('transformers', '–')}, onnxruntime {machine.get('onnxruntime', '–')}, "
+        f"openvino {machine.get('openvino', '–')}. "
         f"Peak matmul measured: fp32 {machine['peak_gmacs_per_s']['fp32']:.0f} GMAC/s, "
         f"bf16 {machine['peak_gmacs_per_s']['bf16']:.0f} GMAC/s. Load average during the run: "
         f"{results.get('load_average', '?')}.",
@@ -91,13 +98,16 @@ def markdown(results: dict) -> str:
             title += f" — labels identical to upsample-then-argmax: {job['labels_identical_to_upsample_argmax']}"
         if "identical" in job:
             title += f" — identical: {job['identical']}"
+        if job.get("best_peer"):
+            title += f" — best route without us: {job['best_peer']}"
         lines += [title, ""]
         lines.append(
-            "| engine | median ms | p10–p90 ms | images/s | ratio | rel. error | labels = exact | peak RSS |"
+            "| engine | median ms | p10–p90 ms | images/s | ratio | vs best peer | rel. error | labels = exact | peak RSS |"
         )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in job["results"]:
             ratio = f"{row['ratio']:.3f}×" if row.get("ratio") is not None else "–"
+            peer = f"{row['peer_ratio']:.3f}×" if row.get("peer_ratio") is not None else "–"
             error = f"{row['relative_error']:.1e}" if row.get("relative_error") is not None else "–"
             agreement = (
                 f"{row['label_agreement'] * 100:.2f}%"
@@ -107,7 +117,7 @@ def markdown(results: dict) -> str:
             rss = f"{row['peak_rss_mb']:.0f} MiB" if row.get("peak_rss_mb") is not None else "–"
             lines.append(
                 f"| {row['engine']} | {row['median_ms']:.1f} | {row['p10_ms']:.1f}–{row['p90_ms']:.1f} | "
-                f"{row['images_per_s']:.2f} | {ratio} | {error} | {agreement} | {rss} |"
+                f"{row['images_per_s']:.2f} | {ratio} | {peer} | {error} | {agreement} | {rss} |"
             )
         lines.append("")
     if "agreement" in results:
@@ -119,14 +129,15 @@ def markdown(results: dict) -> str:
         for row in results["agreement"]:
             lines.append(f"| {row['engine']} | {row['photos']} | {row['agreement'] * 100:.3f}% |")
         lines.append("")
-    if "compile_cache" in results:
-        cache = results["compile_cache"]
-        lines += [
-            f"**Compiled bf16, B0 512², creation to first result:** {cache['first_process_s']:.1f} s in a first "
-            f"process (empty cache), {cache['second_process_s']:.1f} s in a second process (warm cache); "
-            f"steady state {cache['steady_ms']:.1f} ms.",
-            "",
-        ]
+    for key, what in (("compile_cache", "Compiled bf16"), ("openvino_start", "OpenVINO fp32")):
+        if key in results:
+            cache = results[key]
+            lines += [
+                f"**{what}, B0 512², creation to first result:** {cache['first_process_s']:.1f} s in a first "
+                f"process (empty cache), {cache['second_process_s']:.1f} s in a second process (warm cache); "
+                f"steady state {cache['steady_ms']:.1f} ms.",
+                "",
+            ]
     if "variants" in results:
         lines += [
             "**Variants** (150 classes; B0–B4 at 512², B5 at 640², as in the paper's table)",
@@ -157,6 +168,11 @@ def main() -> int:
         default=2,
         help="calls per engine per round, the last one timed (warm caches; default 2; 1: strict alternation)",
     )
+    parser.add_argument(
+        "--int8",
+        default=None,
+        help="a `segformer quantize` folder of the Cityscapes B0 weights (HF files + openvino_int8.xml): adds OpenVINO int8 to job 1",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "inference.json"))
     parser.add_argument("--chart", default=str(REPO / "benchmarks" / "results" / "inference.png"))
     args = parser.parse_args()
@@ -181,7 +197,11 @@ def main() -> int:
         load_before = " ".join(stream.read().split()[:3])
     results = bench.new_results()
     b0 = load(WEIGHTS)
-    everything = list(bench.DEFAULT_ENGINES)
+    # From the quantized folder, the same weights come with their int8 IR (default_engines
+    # then adds the int8 row).
+    b0_job1 = load(args.int8) if args.int8 else b0
+    everything = bench.default_engines(b0_job1)
+    openvino_rows = [(b, p) for b, p in everything if b == "openvino" and p != "int8"]
 
     def step(message: str) -> None:
         print(f"[{time.time() - started:6.0f} s] {message}", flush=True)
@@ -193,10 +213,11 @@ def main() -> int:
         step("B0 512×512, real weights")
         results["jobs"].append(
             bench.run_model_job(
-                b0,
+                b0_job1,
                 (512, 512),
                 engines=everything,
                 with_transformers_compiled=not args.quick,
+                with_peers=True,
                 rounds=rounds,
                 burst=args.burst,
                 image=STREET,
@@ -208,7 +229,13 @@ def main() -> int:
             bench.run_photo_job(
                 b0,
                 photo,
-                engines=[("fast", "fp32"), ("compiled", "bf16"), ("onnxruntime", "fp32")],
+                engines=[
+                    ("auto", "fp32"),  # our default, labelled by the backend it picks
+                    ("fast", "fp32"),
+                    ("compiled", "bf16"),
+                    ("onnxruntime", "fp32"),
+                    *openvino_rows,
+                ],
                 rounds=rounds,
                 burst=args.burst,
                 name="640×480 JPEG → full-resolution labels (B0 Cityscapes)",
@@ -254,6 +281,7 @@ def main() -> int:
                         ("fast", "fp32"),
                         ("compiled", "fp32"),
                         ("compiled", "bf16"),
+                        *openvino_rows,
                     ],
                     rounds=max(3, rounds // 2),
                     image=STREET,
@@ -273,6 +301,10 @@ def main() -> int:
                 )
             step("compile cache: first vs second process")
             results["compile_cache"] = bench.measure_compile_cache(str(WEIGHTS), "bf16", (512, 512))
+            if openvino_rows:
+                results["openvino_start"] = bench.measure_compile_cache(
+                    str(WEIGHTS), "fp32", (512, 512), backend="openvino"
+                )
             step("label agreement over real photos")
             photos = real_photos()
             results["agreement"] = [
@@ -281,7 +313,11 @@ def main() -> int:
                     "photos": len(photos),
                     "agreement": bench.labels_agreement_on_images(b0, photos, backend, precision),
                 }
-                for backend, precision in [("compiled", "bf16"), ("onnxruntime", "fp32")]
+                for backend, precision in [
+                    ("compiled", "bf16"),
+                    ("onnxruntime", "fp32"),
+                    *[(b, p) for b, p in openvino_rows if p != "fp32"],
+                ]
             ]
         results["variants"] = bench.variant_table()
 

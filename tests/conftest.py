@@ -70,6 +70,16 @@ def tiny_reference(
     return reference
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _test_cache(tmp_path_factory):
+    """Engines cache converted and compiled models (``segformer.inference.backends.base.
+    cache_dir``): into one folder per test session, not the user's cache; models with equal
+    weights share their files across tests, as they would across runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGFORMER_CACHE", str(tmp_path_factory.mktemp("segformer-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

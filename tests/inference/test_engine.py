@@ -10,6 +10,7 @@ import transformers
 
 import segformer
 from segformer.errors import CheckpointError, SegformerError
+from segformer.inference import engine as engine_module
 from segformer.inference.backends.compiled import CompiledEngine
 from segformer.inference.backends.pytorch import TorchEngine
 from segformer.inference.engine import BACKENDS, create_engine, default_backend
@@ -123,12 +124,16 @@ def test_onnxruntime_backend(pair, tmp_path, monkeypatch):
     assert list((tmp_path / "onnx").glob("*.onnx")) == exported
 
 
-def test_auto_backend_choice(pair):
+def test_auto_backend_choice(pair, monkeypatch):
+    """Without x86 OpenVINO (tests/inference/test_openvino.py covers it): fast for fp32,
+    compiled for bf16 on the CPU, fast on CUDA."""
     _, model, _ = pair
+    monkeypatch.setattr(engine_module, "_x86", lambda: False)
     cpu = torch.device("cpu")
     assert default_backend("fp32", cpu) == "fast"
     assert default_backend("bf16", cpu) == "compiled"
     assert default_backend("bf16", torch.device("cuda")) == "fast"
+    assert default_backend("int8", cpu) == "openvino"
     engine = create_engine(model)
     assert (
         isinstance(engine, TorchEngine) and engine.backend == "fast" and engine.precision == "fp32"
@@ -136,7 +141,7 @@ def test_auto_backend_choice(pair):
     # Creating a compiled engine compiles nothing yet: that happens on the first call.
     assert create_engine(model, precision="bfloat16").backend == "compiled"
     assert create_engine(model, backend="optimized").backend == "fast"
-    assert set(BACKENDS) == {"eager", "fast", "compiled", "onnxruntime"}
+    assert set(BACKENDS) == {"eager", "fast", "compiled", "onnxruntime", "openvino"}
 
 
 @pytest.mark.parametrize(
@@ -146,6 +151,8 @@ def test_auto_backend_choice(pair):
         ({"precision": "int4"}, "unknown precision"),
         ({"precision": "fp16"}, "fp16 is for CUDA"),
         ({"backend": "onnxruntime", "precision": "bf16"}, "fp32 only"),
+        ({"backend": "compiled", "precision": "int8"}, "int8 runs with the openvino backend"),
+        ({"backend": "openvino", "device": "meta"}, "runs on the CPU"),
         ({"device": "tpu"}, "unknown device"),
     ],
 )

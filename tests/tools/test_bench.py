@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import segformer
 from segformer.cli import main
+from segformer.inference.engine import default_backend
 from segformer.models.macs import count_macs
 from segformer.tools import bench
 from tests.conftest import tiny_reference
@@ -124,6 +126,74 @@ def test_model_job_can_add_transformers_compiled_as_a_point_of_comparison(tiny_f
     assert job["reference"] == "transformers"
 
 
+def test_model_job_with_the_routes_a_user_has_without_us(tiny_folder):
+    """transformers' own graph on OpenVINO (fp32; bf16 where the CPU has it) and its own ONNX
+    export on onnxruntime: the same function as transformers, and the ratio against the
+    fastest of them."""
+    pytest.importorskip("openvino")
+    from segformer.inference.backends.openvino import cpu_has_bf16
+
+    model = segformer.load(tiny_folder)
+    job = bench.run_model_job(
+        model, (64, 64), engines=[("openvino", "fp32")], with_peers=True, rounds=2
+    )
+    rows = {row["engine"]: row for row in job["results"]}
+    peers = ["transformers openvino fp32", "transformers onnxruntime fp32"]
+    if cpu_has_bf16():
+        peers.insert(1, "transformers openvino bf16")
+    assert list(rows) == ["transformers", *peers, "openvino fp32"]
+    for name in ["transformers openvino fp32", "transformers onnxruntime fp32", "openvino fp32"]:
+        assert rows[name]["relative_error"] <= 1e-5
+    if cpu_has_bf16():
+        assert 0 < rows["transformers openvino bf16"]["relative_error"] < 5e-2
+    assert job["best_peer"] in ["transformers", *peers]
+    assert rows[job["best_peer"]]["peer_ratio"] == pytest.approx(1.0)
+    assert min(rows[name]["peer_ratio"] for name in ["transformers", *peers]) == pytest.approx(1.0)
+    assert "vs peer" in bench.format_table({"jobs": [job]})
+
+
+def test_default_engines_follow_the_machine_and_the_model_folder(tiny_folder, tmp_path):
+    openvino = pytest.importorskip("segformer.inference.backends.openvino")
+    model = segformer.load(tiny_folder)
+    engines = bench.default_engines(model)
+    assert engines[:5] == list(bench.DEFAULT_ENGINES[:5])
+    assert (("openvino", "bf16") in engines) == openvino.cpu_has_bf16()
+    assert ("openvino", "int8") not in engines
+    segformer.save(model, tmp_path)
+    for suffix in (".xml", ".bin"):  # only its presence matters here
+        (tmp_path / openvino.INT8_IR).with_suffix(suffix).write_text("")
+    assert ("openvino", "int8") in bench.default_engines(segformer.load(tmp_path))
+
+
+def test_photo_job_labels_auto_by_what_it_runs(tiny_folder, tmp_path):
+    from PIL import Image
+
+    model = segformer.load(tiny_folder)
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)).save(
+        photo
+    )
+    job = bench.run_photo_job(
+        model,
+        photo,
+        engines=[("auto", "fp32"), ("fast", "fp32")],
+        rounds=1,
+        with_transformers=False,
+    )
+    default = default_backend("fp32", torch.device("cpu"))
+    assert job["results"][0]["engine"] == f"{default} fp32"
+    assert all(row["label_agreement"] == pytest.approx(1.0) for row in job["results"])
+
+
+@pytest.mark.slow
+def test_openvino_start_first_and_second_process(tiny_folder):
+    pytest.importorskip("openvino")
+    start = bench.measure_compile_cache(str(tiny_folder), "fp32", (64, 64), backend="openvino")
+    # The second process reads the IR and the compiled blob instead of converting.
+    assert 0 < start["second_process_s"] < start["first_process_s"]
+    assert start["steady_ms"] > 0
+
+
 def test_labels_job_reports_identity():
     logits = torch.nn.functional.interpolate(
         torch.randn(1, 19, 4, 4) * 5, size=(32, 32), mode="bilinear"
@@ -171,6 +241,7 @@ def test_cli_bench(tiny_folder, tmp_path, capsys):
             "1",
             "--engines",
             "fast",
+            "--no-peers",
             "--json",
             str(out),
             "--chart",

@@ -16,6 +16,11 @@ Both only work when set before the process starts, so ``segformer`` (every subco
 ``serve`` included) re-executes itself once with the environment set; ``environment()`` gives
 the same variables for launching anything else (a uvicorn worker, a benchmark subprocess).
 
+OpenVINO's CPU plugin works with tcmalloc preloaded only because the OpenVINO engine loads
+OpenVINO's libhwloc before the plugin starts (TBB would otherwise load it with
+``RTLD_DEEPBIND``, bound to glibc's ``free``, and the process aborts with "free(): invalid
+pointer"; see ``segformer.inference.backends.openvino._load_hwloc_normally``).
+
 ``SEGFORMER_ALLOCATOR``: ``auto`` (default: tcmalloc if present, else tuned glibc),
 ``tcmalloc``, ``glibc`` (tuned glibc), or ``system`` (change nothing).
 

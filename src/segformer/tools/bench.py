@@ -12,6 +12,11 @@ How the numbers are taken (this library is meant to be run on small, shared mach
   pixels whose label agrees with the exact path (``fast`` in fp32).
 - Peak resident memory is measured per job in a fresh subprocess (``measure_peak_rss``), as
   a process only ever grows its high-water mark.
+- Peers: besides eager transformers (the ``ratio`` column), a job can time the fastest routes a
+  user has without this library: transformers' model converted to OpenVINO (fp32, and bf16
+  where the CPU has it; static shape) and transformers' own ONNX export run by onnxruntime.
+  ``peer_ratio`` is each row's time over the best of those and eager transformers, so a
+  speed-up claimed is one over the best route a user has without us.
 - Floors: the multiply-accumulates the engine executes over the machine's measured peak
   matmul rate (``peak_matmul_rate``); no implementation can go below that.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
+import io
 import json
 import logging
 import os
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +52,9 @@ import torch
 from PIL import Image
 
 from segformer.errors import SegformerError
+from segformer.inference.backends import openvino as openvino_backend
 from segformer.inference.backends.base import cache_dir
-from segformer.inference.engine import create_engine
+from segformer.inference.engine import create_engine, default_backend, resolve_device
 from segformer.inference.labels import labels_from_logits
 from segformer.inference.processing import ImageProcessor, read_image
 from segformer.models.config import VARIANTS, SegformerConfig
@@ -61,6 +69,8 @@ log = logging.getLogger("segformer")
 SCHEMA = "segformer-bench/1"
 TRANSFORMERS = "transformers"
 TRANSFORMERS_COMPILED = "transformers compiled"
+TRANSFORMERS_OPENVINO = "transformers openvino"
+TRANSFORMERS_ONNXRUNTIME = "transformers onnxruntime"
 # (backend, precision) pairs a full run compares; transformers is added when installed.
 DEFAULT_ENGINES = (
     ("eager", "fp32"),
@@ -68,7 +78,24 @@ DEFAULT_ENGINES = (
     ("compiled", "fp32"),
     ("compiled", "bf16"),
     ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
 )
+
+
+def default_engines(model: SegformerForSemanticSegmentation) -> list[tuple[str, str]]:
+    """``DEFAULT_ENGINES`` that can run here (OpenVINO installed, bf16 where the CPU has it),
+    plus OpenVINO int8 when ``model``'s folder holds a quantized IR."""
+    engines = []
+    for backend, precision in DEFAULT_ENGINES:
+        if backend == "openvino" and not openvino_backend.available():
+            continue
+        if (backend, precision) == ("openvino", "bf16") and not openvino_backend.cpu_has_bf16():
+            continue
+        engines.append((backend, precision))
+    if openvino_backend.available() and openvino_backend.int8_ir_of(model) is not None:
+        engines.append(("openvino", "int8"))
+    return engines
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,7 +255,7 @@ def machine_info(peak: bool = True) -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
-    for package in ("transformers", "onnxruntime"):
+    for package in ("transformers", "onnxruntime", "openvino"):
         with contextlib.suppress(ImportError):
             info[package] = __import__(package).__version__
     if torch.cuda.is_available():
@@ -304,6 +331,96 @@ class _TransformersCompiled(_TransformersLogits):
             return self.compiled(pixel_values=pixel_values).logits.float()
 
 
+class _LogitsOnly(torch.nn.Module):
+    """transformers' model as a function of pixel values to logits (what exporters take)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+class _TransformersOpenVino:
+    """transformers' model converted by ``openvino.convert_model`` (its own graph, not ours)
+    and compiled for ``pixels``' static shape at ``precision``: the fastest OpenVINO route a
+    user has without this library."""
+
+    backend = TRANSFORMERS_OPENVINO
+
+    def __init__(self, converted: Any, precision: str) -> None:
+        self.precision = precision
+        config = openvino_backend.compile_config(precision, cache=False)
+        self.request = openvino_backend.core().compile_model(converted, "CPU", config)
+        self.request = self.request.create_infer_request()
+
+    @staticmethod
+    def convert(model: torch.nn.Module, pixels: torch.Tensor) -> Any:
+        import openvino as ov
+
+        with torch.no_grad():
+            converted = ov.convert_model(_LogitsOnly(model), example_input=pixels)
+        converted.reshape({0: list(pixels.shape)})
+        return converted
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.request.infer({0: pixel_values.contiguous().numpy()}, share_inputs=True)
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+
+class _TransformersOnnxRuntime:
+    """transformers' model exported by ``torch.onnx.export`` (defaults, static shape) and run
+    by onnxruntime with PyTorch's thread count."""
+
+    backend = TRANSFORMERS_ONNXRUNTIME
+    precision = "fp32"
+
+    def __init__(self, model: torch.nn.Module, pixels: torch.Tensor, folder: str) -> None:
+        import onnxruntime as ort
+
+        path = os.path.join(folder, "transformers.onnx")
+        with (
+            torch.no_grad(),
+            contextlib.redirect_stdout(io.StringIO()),
+            warnings.catch_warnings(),
+            contextlib.ExitStack() as restore,
+        ):
+            warnings.simplefilter("ignore")
+            for name in ("torch.onnx", "onnxscript", "onnx_ir"):  # progress chatter
+                exporter_log = logging.getLogger(name)
+                restore.callback(exporter_log.setLevel, exporter_log.level)
+                exporter_log.setLevel(logging.ERROR)
+            torch.onnx.export(_LogitsOnly(model), (pixels,), path, input_names=["pixel_values"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values.contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"pixel_values": x})[0])
+
+
+def peer_engines(
+    model: torch.nn.Module, pixels: torch.Tensor
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The routes to transformers' model a user has without this library, by label, with
+    the seconds each took to prepare (convert, export, compile) in ``prepare_s``."""
+    peers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if openvino_backend.available():
+        converted = _TransformersOpenVino.convert(model, pixels)
+        precisions = ["fp32", "bf16"] if openvino_backend.cpu_has_bf16() else ["fp32"]
+        for precision in precisions:
+            peers[engine_name(TRANSFORMERS_OPENVINO, precision)] = _TransformersOpenVino(
+                converted, precision
+            )
+    with tempfile.TemporaryDirectory(prefix="segformer-bench-onnx-") as folder:
+        peers[engine_name(TRANSFORMERS_ONNXRUNTIME, "fp32")] = _TransformersOnnxRuntime(
+            model, pixels, folder
+        )
+    return peers
+
+
 # ---------------------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------------------
@@ -348,6 +465,7 @@ def run_model_job(
     engines: Sequence[tuple[str, str]] = DEFAULT_ENGINES,
     with_transformers: bool = True,
     with_transformers_compiled: bool = False,
+    with_peers: bool = False,
     rounds: int = 10,
     warmup: int = 1,
     image: str | os.PathLike[str] | None = None,
@@ -356,8 +474,9 @@ def run_model_job(
     burst: int = 1,
 ) -> dict[str, Any]:
     """Time the model's forward pass (pixel values → logits) through each of ``engines``
-    (and transformers, and with ``with_transformers_compiled`` transformers compiled under
-    bf16 autocast too), interleaved in this process; see the module docstring."""
+    (and transformers, with ``with_transformers_compiled`` transformers compiled under bf16
+    autocast too, and with ``with_peers`` transformers on OpenVINO and onnxruntime: see
+    ``peer_engines``), interleaved in this process; see the module docstring."""
     pixels = sample_pixels(model, size, batch, image).to(device)
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -376,6 +495,16 @@ def run_model_job(
                 "precision": "bf16",
                 "first_call_s": time.perf_counter() - started,
             }
+        if with_peers and device == "cpu":
+            started = time.perf_counter()
+            peers = peer_engines(reference_model, pixels)
+            for label, peer in peers.items():
+                candidates[label] = peer
+                info[label] = {
+                    "backend": peer.backend,  # type: ignore[attr-defined]
+                    "precision": peer.precision,  # type: ignore[attr-defined]
+                    "prepare_all_peers_s": time.perf_counter() - started,
+                }
     for backend, precision in engines:
         label = engine_name(backend, precision)
         started = time.perf_counter()
@@ -406,13 +535,7 @@ def run_model_job(
         warmup,
         burst,
     )
-    base = statistics.median(samples[TRANSFORMERS]) if TRANSFORMERS in samples else None
-    results = []
-    for label in candidates:
-        row = {"engine": label, **info[label], **summarize(samples[label], batch)}
-        row["ratio"] = row["median_ms"] / (base * 1e3) if base else None
-        results.append(row)
-
+    results = _rows(candidates, info, samples, batch)
     macs = _model_macs(model, size, batch)
     return {
         "name": name or f"{model.config.variant or 'custom'} {size[0]}×{size[1]}",
@@ -424,8 +547,36 @@ def run_model_job(
         "params_m": parameter_count(model) / 1e6,
         **macs,
         "reference": TRANSFORMERS if TRANSFORMERS in candidates else "eager fp32",
+        "best_peer": _best_peer(results),
         "results": results,
     }
+
+
+def _rows(
+    candidates: dict[str, Any],
+    info: dict[str, dict[str, Any]],
+    samples: dict[str, list[float]],
+    batch: int = 1,
+) -> list[dict[str, Any]]:
+    """One result row per candidate: its info, timing summary, ``ratio`` against eager
+    transformers and ``peer_ratio`` against the fastest transformers route timed."""
+    base = statistics.median(samples[TRANSFORMERS]) if TRANSFORMERS in samples else None
+    peers = [statistics.median(v) for k, v in samples.items() if k.startswith(TRANSFORMERS)]
+    best_peer = min(peers) if peers else None
+    rows = []
+    for label in candidates:
+        row = {"engine": label, **info[label], **summarize(samples[label], batch)}
+        row["ratio"] = row["median_ms"] / (base * 1e3) if base else None
+        row["peer_ratio"] = row["median_ms"] / (best_peer * 1e3) if best_peer else None
+        rows.append(row)
+    return rows
+
+
+def _best_peer(rows: list[dict[str, Any]]) -> str | None:
+    """The fastest route to transformers' model among ``rows`` (what ``peer_ratio`` divides
+    by)."""
+    peers = [row for row in rows if row["engine"].startswith(TRANSFORMERS)]
+    return min(peers, key=lambda row: row["median_ms"])["engine"] if peers else None
 
 
 def _model_macs(
@@ -489,7 +640,7 @@ def run_photo_job(
     model: SegformerForSemanticSegmentation,
     image: str | os.PathLike[str],
     *,
-    engines: Sequence[tuple[str, str]] = (("fast", "fp32"), ("compiled", "bf16")),
+    engines: Sequence[tuple[str, str]] = (("auto", "fp32"), ("fast", "fp32")),
     with_transformers: bool = True,
     rounds: int = 10,
     warmup: int = 1,
@@ -498,8 +649,9 @@ def run_photo_job(
     burst: int = 1,
 ) -> dict[str, Any]:
     """Time a photo file to full-resolution labels (decode → preprocess → model → labels) with
-    our pipeline per engine and with transformers', interleaved. Reports whether each label
-    map is identical to the exact reference (upsample-then-argmax of the exact logits)."""
+    our pipeline per engine (``auto``: our default, labelled by the backend it picks) and with
+    transformers', interleaved. Reports whether each label map is identical to the exact
+    reference (upsample-then-argmax of the exact logits)."""
 
     image = str(image)
     candidates: dict[str, Callable[[], torch.Tensor]] = {}
@@ -509,7 +661,11 @@ def run_photo_job(
         candidates[TRANSFORMERS] = lambda: reference_run(image)
         info[TRANSFORMERS] = {"backend": TRANSFORMERS, "precision": "fp32"}
     for backend, precision in engines:
+        if backend == "auto":
+            backend = default_backend(precision, resolve_device(device))
         label = engine_name(backend, precision)
+        if label in candidates:
+            continue  # auto picked an engine also listed
         started = time.perf_counter()
         run = photo_pipeline(model, backend, precision, device)
         run(image)
@@ -534,12 +690,7 @@ def run_photo_job(
     info_exact_identical = bool(torch.equal(exact_fast_labels, exact))
 
     samples = time_interleaved(candidates, rounds, warmup, burst)
-    base = statistics.median(samples[TRANSFORMERS]) if TRANSFORMERS in samples else None
-    results = []
-    for label in candidates:
-        row = {"engine": label, **info[label], **summarize(samples[label])}
-        row["ratio"] = row["median_ms"] / (base * 1e3) if base else None
-        results.append(row)
+    results = _rows(candidates, info, samples)
     return {
         "name": name or f"photo {picture.width}×{picture.height} → labels",
         "kind": "photo",
@@ -549,6 +700,7 @@ def run_photo_job(
         "image_size": [picture.height, picture.width],
         "labels_identical_to_upsample_argmax": info_exact_identical,
         "reference": TRANSFORMERS if TRANSFORMERS in candidates else None,
+        "best_peer": _best_peer(results),
         "results": results,
     }
 
@@ -636,13 +788,18 @@ def measure_peak_rss(
 
 
 def measure_compile_cache(
-    model_source: str, precision: str = "bf16", size: tuple[int, int] = (512, 512)
+    model_source: str,
+    precision: str = "bf16",
+    size: tuple[int, int] = (512, 512),
+    backend: str = "compiled",
 ) -> dict[str, float]:
-    """Seconds from engine creation to the first result for the compiled backend: in a first
-    process with an empty cache, and in a second process that finds the first one's cache."""
+    """Seconds from engine creation to the first result for ``backend`` ("compiled":
+    compilation; "openvino": conversion and compilation): in a first process with an empty
+    cache, and in a second process that finds the first one's cache."""
     with tempfile.TemporaryDirectory(prefix="segformer-compile-cache-") as cache:
         spec = {
             "task": "compile",
+            "backend": backend,
             "model": model_source,
             "precision": precision,
             "size": list(size),
@@ -679,7 +836,7 @@ def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         model = load(spec["model"])
         pixels = torch.randn(1, 3, *spec["size"])
         started = time.perf_counter()
-        engine = create_engine(model, "compiled", spec["precision"])
+        engine = create_engine(model, spec.get("backend", "compiled"), spec["precision"])
         engine(pixels)
         first = time.perf_counter() - started
         steady = statistics.median(
@@ -739,7 +896,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [
         f"{machine.get('cpu', '?')} · {thread_count_text(machine)} · allocator {machine.get('allocator', '?')} · "
         f"torch {machine.get('torch', '?')} · transformers {machine.get('transformers', '–')} · "
-        f"onnxruntime {machine.get('onnxruntime', '–')}",
+        f"onnxruntime {machine.get('onnxruntime', '–')} · openvino {machine.get('openvino', '–')}",
     ]
     peaks = machine.get("peak_gmacs_per_s")
     if peaks:
@@ -758,18 +915,21 @@ def format_table(results: dict[str, Any]) -> str:
             )
         if "identical" in job:
             header += f" · identical: {job['identical']}"
+        if job.get("best_peer"):
+            header += f" · best route without us: {job['best_peer']}"
         lines.append(header)
         width = max(22, *(len(row["engine"]) + 2 for row in job["results"]))
         lines.append(
             f"  {'engine':<{width}}{'median ms':>11}{'p10–p90 ms':>17}{'img/s':>9}{'ratio':>8}"
-            f"{'rel. error':>12}{'labels':>9}{'peak RSS':>10}"
+            f"{'vs peer':>8}{'rel. error':>12}{'labels':>9}{'peak RSS':>10}"
         )
         for row in job["results"]:
             spread = f"{row['p10_ms']:.1f}–{row['p90_ms']:.1f}"
             agreement = row.get("label_agreement")
             lines.append(
                 f"  {row['engine']:<{width}}{row['median_ms']:>11.1f}{spread:>17}{row['images_per_s']:>9.2f}"
-                f"{_fmt(row.get('ratio'), '.3f'):>8}{_fmt(row.get('relative_error'), '.1e'):>12}"
+                f"{_fmt(row.get('ratio'), '.3f'):>8}{_fmt(row.get('peer_ratio'), '.3f'):>8}"
+                f"{_fmt(row.get('relative_error'), '.1e'):>12}"
                 f"{_fmt(None if agreement is None else agreement * 100, '.2f'):>8}%"
                 f"{_fmt(row.get('peak_rss_mb'), '.0f'):>7} MiB"
             )
@@ -873,6 +1033,7 @@ if __name__ == "__main__":  # a benchmark subprocess: one JSON spec in, one JSON
 
 __all__ = [
     "DEFAULT_ENGINES",
+    "default_engines",
     "executed_macs",
     "format_table",
     "machine_info",
@@ -880,6 +1041,7 @@ __all__ = [
     "measure_peak_rss",
     "new_results",
     "peak_matmul_rate",
+    "peer_engines",
     "run_labels_job",
     "run_model_job",
     "run_photo_job",

@@ -71,6 +71,7 @@ _GRAPH_MODULES = (
     "segformer.models.fast",
     "segformer.inference.export",
     "segformer.inference.backends.compiled",
+    "segformer.inference.backends.openvino",
 )
 
 
