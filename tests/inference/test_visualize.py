@@ -69,11 +69,11 @@ def test_datasets_are_recognised_by_names_or_count():
 
 def test_palette_choice():
     own = [[1, 2, 3], [4, 5, 6]]
-    np.testing.assert_array_equal(palette_for(["a", "b"], {"palette": own}), own)
-    assert palette_name(["a", "b"], {"palette": own}) == "model"
+    np.testing.assert_array_equal(palette_for(["a", "b"], own), own)
+    assert palette_name(["a", "b"], own) == "model"
     np.testing.assert_array_equal(palette_for(list(CITYSCAPES_LABELS)), CITYSCAPES_PALETTE)
     # a stored palette of the wrong length is ignored
-    assert palette_name(list(CITYSCAPES_LABELS), {"palette": own}) == "cityscapes"
+    assert palette_name(list(CITYSCAPES_LABELS), own) == "cityscapes"
     generated = palette_for(["cat", "dog", "bird"])
     assert palette_name(["cat", "dog", "bird"]) == "generated"
     np.testing.assert_array_equal(generated, generate_palette(3))

@@ -232,7 +232,7 @@ def test_values_of_the_wrong_type_are_refused(name, given, message):
         ({"threads": 0}, "threads must be > 0"),
         ({"checkpoint_interval": 0}, "intervals must be > 0"),
         ({"keep_checkpoints": 0}, "bad eval_interval or keep_checkpoints"),
-        ({"format": "coco"}, "format must be one of folder, binary"),
+        ({"format": "yolo"}, "format must be one of folder, binary"),
         ({"eval_mode": "tiles"}, "eval_mode must be whole or slide"),
     ],
 )

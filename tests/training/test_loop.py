@@ -435,7 +435,7 @@ def test_out_of_range_labels_without_preflight_stop_in_one_line_and_leave_no_run
     capsys.readouterr()
     # with the pre-flight scan (the default) the same problem is found before training
     assert main(["train", str(recipe), "--output-dir", str(tmp_path / "checked")]) == 2
-    assert f"error: {mask}: label 7" in capsys.readouterr().err
+    assert f"error: labels outside the label set: {mask}: label 7" in capsys.readouterr().err
     assert not (tmp_path / "checked").exists()
 
 

@@ -892,8 +892,11 @@ class _LossWindow:
 def validate(
     learner: Learner, data: RunData, config: TrainConfig, process: Distributed, device: torch.device
 ) -> SegmentationMetrics:
-    """Score the evaluated weights on the validation split through exactly the prediction
-    path: the processor and inference mode the exported model keeps."""
+    """Score the evaluated weights on the validation split through the prediction path: the
+    processor and inference mode the exported model keeps. The engine is PyTorch's exact
+    ``fast`` one, not ``auto``: OpenVINO would convert the weights anew at every validation
+    (they change) and leaves the thread's floating-point flags changed, which would make a
+    resumed run differ from an uninterrupted one."""
 
     sync_buffers(learner.model, process)
     if learner.ema is not None:
@@ -902,7 +905,7 @@ def validate(
         learner.evaluated,
         image_processor(config),
         device=str(device),
-        backend="auto",
+        backend="fast",
         mode=inference_mode(config),
         max_pixels=None,
     )
