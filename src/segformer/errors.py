@@ -16,3 +16,8 @@ class ImageError(SegformerError):
 
 class DataError(SegformerError):
     """A dataset problem found before or during training/evaluation."""
+
+
+class SettingsError(SegformerError, ValueError):
+    """A setting (an option, a preprocessing value) of the wrong type or out of range. Also a
+    ``ValueError``, which is what such settings raised before and what callers may catch."""
