@@ -929,3 +929,37 @@ def test_cli_serve(tmp_path: Path, capsys) -> None:
     assert err.startswith("error: ") and "missing" in err and len(err.strip().splitlines()) == 1
     assert main(["serve", "--model", "x=" + str(tmp_path), "--workers", "0"]) == 2
     assert "workers must be at least 1" in capsys.readouterr().err
+
+
+def test_segment_says_what_the_model_is_for_and_flags_other_pictures(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from segformer.inference.segmenter import Segmenter
+
+    # The tiny model with a domain and two thresholds: one every picture is above, one none is.
+    folders = {}
+    for name, threshold in (("strict", -1e9), ("lenient", 1e9)):
+        model = segformer.load(model_dir)
+        model.metadata.domain = "test pictures"
+        model.metadata.out_of_domain = {"score": "energy", "threshold": threshold}
+        folders[name] = segformer.save(model, tmp_path / name)
+    models = [f"{name}={folder}" for name, folder in folders.items()]
+    data = png_bytes()
+    with client_for(model_dir, tmp_path, models=models) as client:
+        for name, flagged in (("strict", True), ("lenient", False)):
+            response = segment(client, data, model=name, include=["label_map"])
+            assert response.status_code == 200, response.text
+            body = response.json()
+            expected = Segmenter.from_pretrained(folders[name], device="cpu")(data)
+            assert body["domain"] == "test pictures"
+            assert body["out_of_domain"] is flagged
+            assert body["domain_score"] == pytest.approx(expected.domain_score, abs=1e-4)
+            info = client.get(f"/v1/models/{name}").json()
+            assert info["domain"] == "test pictures"
+            assert info["out_of_domain"]["score"] == "energy"
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["SegmentResponse"]
+        assert {"domain", "out_of_domain", "domain_score"} <= set(schema["properties"])
+    # a model without them answers null, not a missing field
+    with client_for(model_dir, tmp_path / "plain") as client:
+        body = segment(client, data, include=["label_map"]).json()
+        assert body["domain"] is None and body["out_of_domain"] is None

@@ -265,6 +265,15 @@ def _error_line(text: str, path: Path | str) -> str:
     return f"error: {text}" if str(path) in text else f"error: {path}: {text}"
 
 
+def _domain_warning(result: Any, path: Path | str) -> str:
+    """One line for a picture unlike the model's training data."""
+    return (
+        f"warning: {path}: does not look like what {result.model_name} was trained on "
+        f"({result.domain or 'see its documentation'}; score {result.domain_score:.2f}): "
+        "its labels are likely wrong; try --model with a model for such pictures"
+    )
+
+
 def _top_classes(classes: list[Any], count: int = 5) -> str:
     return "; ".join(f"{c.name} {c.share * 100:.1f}%" for c in classes[:count])
 
@@ -301,6 +310,9 @@ def run_predict(args: argparse.Namespace) -> int:
         raise SegformerError(
             f"{out_dir}: cannot create the output folder ({exc.strerror or exc})"
         ) from None
+    log.info(
+        "%s is for %s", segmenter.name, segmenter.domain or "pictures its documentation describes"
+    )
     log.info("%r on %d input(s) → %s", segmenter, len(jobs), out_dir)
 
     records: list[dict[str, Any]] = [
@@ -380,6 +392,8 @@ def _run_images(
                     bar.write(f"error: {message}", file=sys.stderr)
                     record.update(status="error", error=message)
                 else:
+                    if result.out_of_domain:
+                        bar.write(_domain_warning(result, job.path), file=sys.stderr)
                     record.update(
                         status="ok",
                         outputs={
@@ -387,6 +401,8 @@ def _run_images(
                         },
                         width=result.width,
                         height=result.height,
+                        out_of_domain=result.out_of_domain,
+                        domain_score=result.to_dict()["domain_score"],
                         classes=[c.to_dict() for c in result.classes],
                         timings=result.timings.to_dict(),
                     )
