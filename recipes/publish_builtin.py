@@ -126,7 +126,7 @@ def read_history(run: Path) -> dict:
 
 
 # What the model is for, shown wherever it is used (info, predict, the web page, JSON).
-DOMAIN = "road scenes from a car (CamVid: street video of Cambridge, UK, 480×360)"
+DOMAIN = "road scenes seen from a car, like CamVid's street video of Cambridge, UK at 480×360"
 # The out-of-domain threshold belongs to the weights: new weights need a new one.
 AFTER = "then python recipes/calibrate_ood.py (the out-of-domain threshold for these weights)"
 

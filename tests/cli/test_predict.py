@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import av
 import numpy as np
@@ -213,16 +214,17 @@ def test_info(model_dir, capsys):
     assert "warns       never: no out-of-domain threshold" in text
 
 
-def test_builtin_model_says_what_it_is_for_and_warns_on_other_pictures(tmp_path, capsys):
+def test_builtin_model_says_what_it_is_for_and_warns_on_other_pictures(tmp_path, capsys, caplog):
     from tests.inference.test_domain import synthetic_non_road
 
     disks = synthetic_non_road()["disks"]
     Image.fromarray(disks).save(tmp_path / "disks.png")
-    code = run(str(tmp_path / "disks.png"), "--out", str(tmp_path / "out"))
+    with caplog.at_level(logging.INFO, logger="segformer"):
+        code = run(str(tmp_path / "disks.png"), "--out", str(tmp_path / "out"))
     err = capsys.readouterr().err.splitlines()
     assert code == 0
-    # the first line says what the model is for
-    assert err[0].startswith("camvid-b0 is for road scenes")
+    # the first line logged says what the model is for
+    assert caplog.messages[0].startswith("camvid-b0 is for road scenes")
     warnings = [line for line in err if line.startswith("warning:")]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"warning: {tmp_path / 'disks.png'}: does not look like")

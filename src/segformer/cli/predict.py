@@ -267,10 +267,11 @@ def _error_line(text: str, path: Path | str) -> str:
 
 def _domain_warning(result: Any, path: Path | str) -> str:
     """One line for a picture unlike the model's training data."""
+    trained_on = f" ({result.domain})" if result.domain else ""
     return (
-        f"warning: {path}: does not look like what {result.model_name} was trained on "
-        f"({result.domain or 'see its documentation'}; score {result.domain_score:.2f}): "
-        "its labels are likely wrong; try --model with a model for such pictures"
+        f"warning: {path}: does not look like what {result.model_name} was trained on"
+        f"{trained_on}: its labels are likely wrong (out-of-domain score "
+        f"{result.domain_score:.2f}); for such pictures use another --model"
     )
 
 
@@ -310,9 +311,10 @@ def run_predict(args: argparse.Namespace) -> int:
         raise SegformerError(
             f"{out_dir}: cannot create the output folder ({exc.strerror or exc})"
         ) from None
-    log.info(
-        "%s is for %s", segmenter.name, segmenter.domain or "pictures its documentation describes"
-    )
+    if segmenter.domain:
+        log.info("%s is for %s", segmenter.name, segmenter.domain)
+    else:
+        log.info("%s does not say what pictures it is for: see its documentation", segmenter.name)
     log.info("%r on %d input(s) → %s", segmenter, len(jobs), out_dir)
 
     records: list[dict[str, Any]] = [
