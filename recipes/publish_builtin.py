@@ -78,6 +78,7 @@ def main() -> None:
     model.metadata = model.metadata.replace(
         **{
             "name": "camvid-b0",
+            "domain": DOMAIN,
             "license": "Apache-2.0 (weights trained by the segformer project); data: CamVid research terms",
             "dataset": "CamVid 11 classes, train split (367 images); selected on val (101 images)",
             "metrics": {
@@ -110,6 +111,7 @@ def main() -> None:
         os.replace(staging, TARGET)
     size = (TARGET / "model.safetensors").stat().st_size / 2**20
     print(f"published to {TARGET} (weights {size:.1f} MiB)")
+    print(AFTER)
 
 
 def read_history(run: Path) -> dict:
@@ -121,6 +123,12 @@ def read_history(run: Path) -> dict:
 
     checkpoints = list_checkpoints(run / "checkpoints")
     return load_checkpoint(checkpoints[-1][1])["history"] if checkpoints else {}
+
+
+# What the model is for, shown wherever it is used (info, predict, the web page, JSON).
+DOMAIN = "road scenes seen from a car, like CamVid's street video of Cambridge, UK at 480×360"
+# The out-of-domain threshold belongs to the weights: new weights need a new one.
+AFTER = "then python recipes/calibrate_ood.py (the out-of-domain threshold for these weights)"
 
 
 def model_card(
@@ -157,6 +165,11 @@ def model_card(
 The model `segformer predict`, `segformer serve` and `segformer eval` use when no `--model` is
 given. A SegFormer-B0 (3.7 M parameters) trained **from scratch** — no ImageNet encoder, no
 other pretrained weights — by this project's own trainer and recipe.
+
+**For road scenes** seen from a car, like CamVid's street video of Cambridge, UK: on other
+pictures it still answers with these 11 classes, and predictions warn (see
+[Out-of-domain warning](#out-of-domain-warning)). For other photos use a model trained on
+them (e.g. `--model nvidia/segformer-b0-finetuned-ade-512-512`) or `segformer train` your own.
 
 - Classes (11): sky, building, pole, road, pavement, tree, sign/symbol, fence, car,
   pedestrian, bicyclist; CamVid's void label is ignored. Standard CamVid colours.

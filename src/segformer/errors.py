@@ -39,3 +39,8 @@ class VideoRefused(SegformerError):
 
 class TrainingDiverged(SegformerError):
     """The training loss became NaN or infinite."""
+
+
+class SettingsError(SegformerError, ValueError):
+    """A setting (an option, a preprocessing value) of the wrong type or out of range. Also a
+    ``ValueError``, which is what such settings raised before and what callers may catch."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import av
 import numpy as np
@@ -208,3 +209,35 @@ def test_info(model_dir, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["num_labels"] == 3 and info["macs"]["height"] == 64 and info["macs"]["macs"] > 0
     assert info["variant"] == "custom" and info["palette_source"] == "generated"
+    # a model that does not say what it is for, and has no measured threshold, says so
+    assert info["domain"] is None and info["out_of_domain"] is None
+    assert "made for    not stated" in text
+    assert "warns       never: no out-of-domain threshold" in text
+
+
+def test_builtin_model_says_what_it_is_for_and_warns_on_other_pictures(tmp_path, capsys, caplog):
+    from tests.inference.test_domain import synthetic_non_road
+
+    disks = synthetic_non_road()["disks"]
+    Image.fromarray(disks).save(tmp_path / "disks.png")
+    with caplog.at_level(logging.INFO, logger="segformer"):
+        code = run(str(tmp_path / "disks.png"), "--out", str(tmp_path / "out"))
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0
+    # the first line logged says what the model is for
+    assert caplog.messages[0].startswith("camvid-b0 is for road scenes")
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: {tmp_path / 'disks.png'}: does not look like")
+    assert "--model" in warnings[0]
+    record = json.loads((tmp_path / "out" / "disks.json").read_text())
+    assert record["out_of_domain"] is True
+    assert record["domain"].startswith("road scenes")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["results"][0]["out_of_domain"] is True
+    assert summary["results"][0]["domain_score"] == record["domain_score"] > -4
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "made for    road scenes" in text
+    assert "when a picture's energy score is above" in text

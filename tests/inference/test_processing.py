@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import SegformerImageProcessorPil
 
-from segformer.errors import CheckpointError, ImageError
+from segformer.errors import CheckpointError, ImageError, SegformerError, SettingsError
 from segformer.inference.processing import ImageProcessor, read_image, read_mask
 from tests.conftest import ADE20K_SAMPLE
 
@@ -209,8 +209,47 @@ def test_post_process_equals_transformers(target_sizes):
 
 
 def test_post_process_rejects_mismatched_sizes():
-    with pytest.raises(ValueError, match="2 logits but 1 target sizes"):
+    with pytest.raises(SettingsError, match="2 logits but 1 target sizes"):
         ImageProcessor().post_process_semantic_segmentation(torch.randn(2, 3, 4, 4), [(8, 8)])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"size": "large"}, "size must be two whole numbers, got 'large'"),
+        ({"size": (512, 512, 3)}, "size must be two numbers"),
+        ({"size": (0, 512)}, "size and scale must be positive"),
+        ({"image_mean": [0.5, 0.5]}, "image_mean needs one value per RGB channel"),
+        ({"image_std": "wide"}, "image_std needs one number per RGB channel"),
+        ({"image_std": (0.2, 0.0, 0.2)}, "image_std must not contain 0"),
+        ({"resample": "bilinear"}, "resample and rescale_factor must be numbers"),
+        ({"resample": 9}, "resample must be a Pillow filter code"),
+        ({"shortest_edge": 0}, "shortest_edge must be a positive whole number, got 0"),
+        ({"shortest_edge": "512"}, "shortest_edge must be a positive whole number"),
+        ({"longest_edge": 512}, "longest_edge needs shortest_edge"),
+        ({"size_divisor": -32}, "size_divisor must be a positive whole number"),
+    ],
+)
+def test_bad_processor_settings_are_segformer_errors(options, message):
+    # SegformerErrors are what the command line prints as one line; they stay ValueErrors too.
+    with pytest.raises(SettingsError, match=message) as info:
+        ImageProcessor(**options)
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_processor_inputs_are_segformer_errors():
+    processor = ImageProcessor()
+    with pytest.raises(ImageError, match="no images given"):
+        processor([])
+    with pytest.raises(ImageError, match="2 images but 1 segmentation maps"):
+        processor([random_rgb(8, 8), random_rgb(8, 8)], [np.zeros((8, 8), np.uint8)])
+    with pytest.raises(ImageError, match=r"expected uint8 \(H, W, 3\)"):
+        processor.normalize(np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(ImageError, match="do not fit in 32 bits"):
+        processor.resize_labels(np.array([[0, 2**40]], np.int64), (4, 4))
+    for error in (ImageError, SettingsError):
+        assert issubclass(error, SegformerError)
 
 
 # ---------------------------------------------------------------------------------------

@@ -218,3 +218,47 @@ def test_comparison_chart(browser, site, screenshots) -> None:
     results.unlink()
     assert not errors, errors
     page.close()
+
+
+@pytest.mark.parametrize(
+    ("device", "width", "height"), [("desktop", 1280, 800), ("phone", 390, 844)]
+)
+def test_model_domain_and_out_of_domain_notice(
+    browser,
+    model_dir: Path,
+    tmp_path: Path,
+    screenshots: Path,
+    device: str,
+    width: int,
+    height: int,
+) -> None:
+    import segformer
+
+    # The tiny model, saying what it is for, with a threshold every picture is above.
+    model = segformer.load(model_dir)
+    model.metadata.domain = "test pictures of streets"
+    model.metadata.out_of_domain = {"score": "energy", "threshold": -1e9}
+    folder = segformer.save(model, tmp_path / "flagging")
+    settings = make_settings(model_dir, tmp_path, models=[f"flagging={folder}"])
+    photo = tmp_path / "street.jpg"
+    photo.write_bytes(street_scene())
+    with serving(settings) as (url, _):
+        page, errors = open_page(browser, Site(url, settings.bench_results), width, height)
+        if device == "desktop":  # beside the picker; on a phone only in the About panel
+            assert page.is_visible("#model-domain")
+            assert page.text_content("#model-domain") == "for test pictures of streets"
+        assert page.is_hidden("#ood-notice")
+        page.set_input_files("#image-input", str(photo))
+        page.wait_for_selector("#legend li", timeout=20_000)
+        assert page.is_visible("#ood-notice")
+        notice = page.text_content("#ood-notice")
+        assert "does not look like what the model was trained on" in notice
+        assert "(test pictures of streets)" in notice
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        page.screenshot(path=str(screenshots / f"out_of_domain_{device}.png"), full_page=True)
+        page.click("#about-open")
+        page.wait_for_selector("#about-body .chip")
+        assert "Made for" in page.text_content("#about-body")
+        assert "test pictures of streets" in page.text_content("#about-body")
+        assert not errors, errors
+        page.close()

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import segformer
 from segformer.server.store import TOKEN
 from tests.server.helpers import (
     LABELS,
@@ -160,3 +161,37 @@ def test_invalid_options_are_one_line_422(client: TestClient) -> None:
     assert "image" in assert_one_line_error(
         client.post("/v1/segment", data={"opacity": "0.5"}), 422
     )
+
+
+def test_segment_says_what_the_model_is_for_and_flags_other_pictures(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from segformer.inference.segmenter import Segmenter
+
+    # The tiny model with a domain and two thresholds: one every picture is above, one none is.
+    folders = {}
+    for name, threshold in (("strict", -1e9), ("lenient", 1e9)):
+        model = segformer.load(model_dir)
+        model.metadata.domain = "test pictures"
+        model.metadata.out_of_domain = {"score": "energy", "threshold": threshold}
+        folders[name] = segformer.save(model, tmp_path / name)
+    models = [f"{name}={folder}" for name, folder in folders.items()]
+    data = png_bytes()
+    with client_for(model_dir, tmp_path, models=models) as client:
+        for name, flagged in (("strict", True), ("lenient", False)):
+            response = segment(client, data, model=name, include=["label_map"])
+            assert response.status_code == 200, response.text
+            body = response.json()
+            expected = Segmenter.from_pretrained(folders[name], device="cpu")(data)
+            assert body["domain"] == "test pictures"
+            assert body["out_of_domain"] is flagged
+            assert body["domain_score"] == pytest.approx(expected.domain_score, abs=1e-4)
+            info = client.get(f"/v1/models/{name}").json()
+            assert info["domain"] == "test pictures"
+            assert info["out_of_domain"]["score"] == "energy"
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["SegmentResponse"]
+        assert {"domain", "out_of_domain", "domain_score"} <= set(schema["properties"])
+    # a model without them answers null, not a missing field
+    with client_for(model_dir, tmp_path / "plain") as client:
+        body = segment(client, data, include=["label_map"]).json()
+        assert body["domain"] is None and body["out_of_domain"] is None

@@ -357,8 +357,17 @@ def test_checkpoint_of_another_model(tmp_path):
         {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)},
         tmp_path / "w.safetensors",
     )
-    with pytest.raises(CheckpointError, match="not a SegFormer checkpoint"):
+    with pytest.raises(CheckpointError, match="not a SegFormer checkpoint") as info:
         segformer.load(tmp_path / "w.safetensors")
+    # the message names the file: the tensors alone do not say where they came from
+    assert str(info.value).startswith(f"{tmp_path / 'w.safetensors'}: not a SegFormer")
+
+
+def test_unrelated_pickled_state_dict_names_its_path(tmp_path):
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError) as info:
+        segformer.load(tmp_path / "other.pth")
+    assert str(info.value).startswith(f"{tmp_path / 'other.pth'}: not a SegFormer checkpoint")
 
 
 def test_weights_that_do_not_fit_the_config(reference, tmp_path):
@@ -405,9 +414,41 @@ def test_pickle_with_a_payload_is_refused_and_not_run(tmp_path):
     _Payload.marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"state_dict": {"w": _Payload()}}, f)
-    with pytest.raises(CheckpointError, match="refused to load"):
+    with pytest.raises(CheckpointError, match="refused to load") as info:
         segformer.load(tmp_path / "evil.pth")
     assert not _Payload.marker.exists()
+    # (a protocol-4 pickle: torch stops at an opcode it does not read, before any name)
+    assert_safe_refusal(str(info.value), None)
+
+
+class _Plain:
+    """A harmless class: still not rebuilt, since unpickling it means importing code."""
+
+
+def assert_safe_refusal(message: str, refused: str | None) -> None:
+    assert "\n" not in message
+    assert "\x1b" not in message  # torch's message carries terminal colour codes
+    # torch advises re-loading with weights_only=False, i.e. running the file's code: never
+    # passed on. The safe way out is named instead.
+    assert "weights_only" not in message and "trust" not in message
+    if refused:
+        assert f"a Python object ({refused})" in message
+    assert "torch.save(model.state_dict(), path)" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [(_Plain(), f"{__name__}._Plain"), (np.zeros(3), "numpy._core.multiarray._reconstruct")],
+)
+def test_pickle_refusals_say_what_was_refused_and_never_advise_unsafe_loading(
+    tmp_path, value, refused
+):
+    torch.save({"w": torch.zeros(1), "extra": value}, tmp_path / "objects.pth")
+    with pytest.raises(CheckpointError) as info:
+        segformer.load(tmp_path / "objects.pth")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'objects.pth'}: refused to load: ")
+    assert_safe_refusal(message, refused)
 
 
 def test_detect_format_names_each_scheme(reference, tmp_path):

@@ -85,6 +85,7 @@ def format_info(info: dict[str, Any]) -> str:
     shown = ", ".join(labels[:30]) + (f", … (+{len(labels) - 30} more)" if len(labels) > 30 else "")
     rows = [
         ("model", info["name"]),
+        ("made for", info.get("domain") or "not stated (see the model's own documentation)"),
         ("variant", f"MiT-{info['variant']}" if info["variant"] != "custom" else "custom encoder"),
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.2f} M)"),
     ]
@@ -110,6 +111,7 @@ def format_info(info: dict[str, Any]) -> str:
         ("source", info.get("source") or "unknown"),
         ("format", info.get("format") or "unknown"),
         ("licence", info.get("license") or "not stated"),
+        ("warns", _out_of_domain_text(info.get("out_of_domain"))),
     ]
     if info.get("metrics"):
         rows.append(("metrics", _metrics_text(info["metrics"])))
@@ -118,6 +120,18 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(
         f"{key:<{width}}  " + value.replace("\n", "\n" + " " * (width + 2)) for key, value in rows
     )
+
+
+def _out_of_domain_text(settings: dict[str, Any] | None) -> str:
+    """When predictions warn that a picture is unlike the training data."""
+    if not settings:
+        return "never: no out-of-domain threshold measured for this model"
+    text = f"when a picture's {settings.get('score')} score is above {settings.get('threshold')}"
+    flagged = (settings.get("calibration") or {}).get("flagged") or {}
+    if flagged:
+        shown = ", ".join(f"{name} {share * 100:.0f}%" for name, share in flagged.items())
+        text += f"\nflagged in calibration: {shown}"
+    return text
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:

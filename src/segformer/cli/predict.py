@@ -210,13 +210,25 @@ def _run(args: argparse.Namespace, mode: Any, save: tuple[str, ...], ranks: Any)
 
     from segformer.inference.batch import BatchOptions, default_threads, run_batch
     from segformer.inference.segmenter import Segmenter
+    from segformer.weights.builtin import DEFAULT_MODEL
+    from segformer.weights.checkpoints import load_segmentation_model
 
     device = args.device
     if ranks.world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{ranks.local_rank}"  # one GPU per local rank
     torch.set_num_threads(args.threads or default_threads(ranks.local_world_size))
-    segmenter = Segmenter.from_pretrained(
-        args.model,
+    # Load first and say what the model is for before anything else (the engine's one-off
+    # conversion logs too), so the first line a user reads is what the model knows.
+    model = load_segmentation_model(args.model)
+    name = str(args.model or DEFAULT_MODEL)
+    if ranks.rank == 0:
+        if model.metadata.domain:
+            log.info("%s is for %s", name, model.metadata.domain)
+        else:
+            log.info("%s does not say what pictures it is for: see its documentation", name)
+    segmenter = Segmenter(
+        model,
+        name=name,
         device=device,
         precision=args.precision,
         backend=args.backend,

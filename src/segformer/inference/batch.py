@@ -47,7 +47,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from segformer.errors import InputError, SegformerError
-from segformer.inference.segmenter import atomic_path, write_atomic
+from segformer.inference.segmenter import SegmentationResult, atomic_path, write_atomic
 from segformer.inference.video import VIDEO_EXTENSIONS, is_video, output_suffix, segment_video
 
 IMAGE_EXTENSIONS = (
@@ -937,6 +937,16 @@ def _guard_input(item: Input, out_dir: Path, names: dict[str, str]) -> None:
                 )
 
 
+def domain_warning(result: SegmentationResult, path: Path | str) -> str:
+    """One line for a picture unlike the model's training data."""
+    trained_on = f" ({result.domain})" if result.domain else ""
+    return (
+        f"warning: {path}: does not look like what {result.model_name} was trained on"
+        f"{trained_on}: its labels are likely wrong (out-of-domain score "
+        f"{result.domain_score:.2f}); for such pictures use another --model"
+    )
+
+
 def _failed(
     item: Input, message: str, writer: ManifestWriter, progress: Progress, failures: list[str]
 ) -> None:
@@ -995,9 +1005,13 @@ def _run_images(
             "outputs": {kind: name for kind, (name, _) in outputs.items()},
             "width": result.width,
             "height": result.height,
+            "out_of_domain": result.out_of_domain,
+            "domain_score": result.to_dict()["domain_score"],
             "classes": [c.to_dict() for c in result.classes],
             "timings": result.timings.to_dict(),
         }
+        if result.out_of_domain:
+            progress.write(domain_warning(result, item.path))
         writer.write(item, "done", outputs, record)
         progress.mine.segmented += 1
         progress.update()

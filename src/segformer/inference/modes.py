@@ -307,14 +307,35 @@ def predict_labels_each(
 ) -> list[Tensor]:
     """Labels for a batch whose images go back to different sizes: one (H_i, W_i) int64 tensor
     per image, ``out_sizes[i] = (H_i, W_i)`` (typically each image's original size)."""
+    return predict_labels_scored(engine, pixel_values, mode, out_sizes)[0]
+
+
+def predict_labels_scored(
+    engine: EngineFn,
+    pixel_values: Tensor,
+    mode: InferenceMode,
+    out_sizes: Sequence[Size],
+    score: Callable[[Tensor], list[float]] | None = None,
+) -> tuple[list[Tensor], list[float] | None]:
+    """``predict_labels_each`` and, with ``score`` (logits (B, K, h, w) → one number per image,
+    e.g. ``segformer.inference.domain.DomainCheck.scores``), each image's score of the very
+    logits its labels come from: the engine's (whole), the window average (slide) or the
+    average over scales and flips. Scores are None when there are no logits to score: with
+    ``average="softmax"`` the augmented passes are averaged as probabilities."""
     sizes = [(int(h), int(w)) for h, w in out_sizes]
     if len(sizes) != pixel_values.shape[0]:
         raise ValueError(f"{len(sizes)} output sizes for a batch of {pixel_values.shape[0]}")
     if mode.augmented:
         merged = _augmented_logits(engine, pixel_values, mode, sizes)
+        scores = None
+        if score is not None and mode.average == "logits":
+            scores = [score(m)[0] for m in merged]
         # Already at the output size: labels_from_logits' resize is the identity here.
-        return [labels_from_logits(m, size)[0] for m, size in zip(merged, sizes, strict=True)]
+        labels = [labels_from_logits(m, size)[0] for m, size in zip(merged, sizes, strict=True)]
+        return labels, scores
     logits = single_pass(engine, pixel_values, mode)
+    scores = score(logits) if score is not None else None
     if len(set(sizes)) == 1:
-        return list(labels_from_logits(logits, sizes[0]))
-    return [labels_from_logits(logits[i : i + 1], size)[0] for i, size in enumerate(sizes)]
+        return list(labels_from_logits(logits, sizes[0])), scores
+    labels = [labels_from_logits(logits[i : i + 1], size)[0] for i, size in enumerate(sizes)]
+    return labels, scores

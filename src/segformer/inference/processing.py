@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from segformer.errors import CheckpointError, ImageError
+from segformer.errors import CheckpointError, ImageError, SettingsError
 from segformer.inference.labels import labels_from_logits
 from segformer.weights.resolve import resolve
 
@@ -408,20 +408,28 @@ def _as_list(items: Any) -> list[Any]:
 
 
 def _pair(value: Any, what: str) -> tuple[int, int]:
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
-    pair = tuple(int(v) for v in value)
+    try:
+        pair = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{what} must be two whole numbers, got {value!r}") from None
     if len(pair) != 2:
-        raise ValueError(f"{what} must be two numbers, got {value!r}")
+        raise SettingsError(f"{what} must be two numbers, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
 def _triple(value: Any, what: str) -> tuple[float, float, float]:
-    values = (
-        (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
-    )
+    try:
+        values = (
+            (float(value),) * 3
+            if isinstance(value, (int, float))
+            else tuple(float(v) for v in value)
+        )
+    except (TypeError, ValueError):
+        raise SettingsError(f"{what} needs one number per RGB channel, got {value!r}") from None
     if len(values) != 3:
-        raise ValueError(f"{what} needs one value per RGB channel, got {value!r}")
+        raise SettingsError(f"{what} needs one value per RGB channel, got {value!r}")
     return values  # type: ignore[return-value]
 
 
@@ -466,24 +474,32 @@ class ImageProcessor:
         self.scale = _pair(self.scale, "scale")
         self.image_mean = _triple(self.image_mean, "image_mean")
         self.image_std = _triple(self.image_std, "image_std")
-        self.resample = int(self.resample)
-        self.rescale_factor = float(self.rescale_factor)
+        try:
+            self.resample = int(self.resample)
+            self.rescale_factor = float(self.rescale_factor)
+        except (TypeError, ValueError):
+            raise SettingsError(
+                f"resample and rescale_factor must be numbers, got {self.resample!r} and "
+                f"{self.rescale_factor!r}"
+            ) from None
         if min(self.size) < 1 or min(self.scale) < 1:
-            raise ValueError(
+            raise SettingsError(
                 f"size and scale must be positive, got size={self.size}, scale={self.scale}"
             )
         if self.resample not in {r.value for r in Image.Resampling}:
-            raise ValueError(f"resample must be a Pillow filter code 0 … 5, got {self.resample}")
+            raise SettingsError(f"resample must be a Pillow filter code 0 … 5, got {self.resample}")
         if 0.0 in self.image_std:
-            raise ValueError("image_std must not contain 0")
-        if self.shortest_edge is not None and self.shortest_edge < 1:
-            raise ValueError(f"shortest_edge must be positive, got {self.shortest_edge}")
+            raise SettingsError("image_std must not contain 0")
+        for name in ("shortest_edge", "longest_edge", "size_divisor"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise SettingsError(f"{name} must be a positive whole number, got {value!r}")
         if self.longest_edge is not None and self.shortest_edge is None:
-            raise ValueError("longest_edge needs shortest_edge")
+            raise SettingsError("longest_edge needs shortest_edge")
         if self.keep_ratio and self.shortest_edge is not None:
-            raise ValueError("choose one resize mode: keep_ratio or shortest_edge, not both")
-        if self.size_divisor is not None and self.size_divisor < 1:
-            raise ValueError(f"size_divisor must be positive (or None), got {self.size_divisor}")
+            raise SettingsError("choose one resize mode: keep_ratio or shortest_edge, not both")
 
     # -- sizes ---------------------------------------------------------------------------
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -538,7 +554,7 @@ class ImageProcessor:
         (B, 3, H, W), bit for bit as transformers does."""
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8 or pixels.shape[-1] != 3 or pixels.ndim not in (3, 4):
-            raise ValueError(
+            raise ImageError(
                 f"expected uint8 (H, W, 3) or (B, H, W, 3) pixels, got {pixels.dtype} {pixels.shape}"
             )
         table = _pixel_table(
@@ -570,7 +586,7 @@ class ImageProcessor:
         else:
             low, high = int(labels.min(initial=0)), int(labels.max(initial=0))
             if low < -(2**31) or high >= 2**31:
-                raise ValueError(f"label values {low} … {high} do not fit in 32 bits")
+                raise ImageError(f"label values {low} … {high} do not fit in 32 bits")
             image = Image.fromarray(labels.astype(np.int32))  # mode I
         resized = image.resize((width, height), resample=Image.Resampling.NEAREST)
         return np.asarray(resized).astype(np.int64)
@@ -596,10 +612,10 @@ class ImageProcessor:
         """
         sources = _as_list(images)
         if not sources:
-            raise ValueError("no images given")
+            raise ImageError("no images given")
         masks = None if segmentation_maps is None else _as_list(segmentation_maps)
         if masks is not None and len(masks) != len(sources):
-            raise ValueError(f"{len(sources)} images but {len(masks)} segmentation maps")
+            raise ImageError(f"{len(sources)} images but {len(masks)} segmentation maps")
 
         resized: list[np.ndarray] = []
         labels: list[np.ndarray] = []
@@ -654,7 +670,7 @@ class ImageProcessor:
             target_sizes = target_sizes.tolist()
         sizes = [(int(h), int(w)) for h, w in target_sizes]
         if len(sizes) != count:
-            raise ValueError(f"{count} logits but {len(sizes)} target sizes")
+            raise SettingsError(f"{count} logits but {len(sizes)} target sizes")
         if per_image is None and len(set(sizes)) == 1:
             return list(labels_from_logits(logits, sizes[0]))
         items = per_image if per_image is not None else list(logits)

@@ -36,8 +36,9 @@ from torch import Tensor
 from segformer.errors import CheckpointError, ImageError, SegformerError
 from segformer.inference import visualize
 from segformer.inference.backends.base import Engine
+from segformer.inference.domain import DomainCheck
 from segformer.inference.engine import create_engine, resolve_device
-from segformer.inference.modes import InferenceMode, predict_labels_each
+from segformer.inference.modes import InferenceMode, predict_labels_scored
 from segformer.inference.processing import (
     DEFAULT_MAX_PIXELS,
     ImageProcessor,
@@ -119,7 +120,10 @@ class SegmentationResult:
     models with more than 256 classes). ``classes``: the classes present, largest first.
     ``timings``: per-stage milliseconds. ``image``: the decoded RGB picture. ``label_names`` /
     ``palette``: the model's classes and their colours. ``source``: the file name when the
-    image came from a file."""
+    image came from a file. ``domain``: what the model is for, in words. ``domain_score``: how
+    unlike the model's training pictures this one looks (see ``segformer.inference.domain``);
+    ``out_of_domain``: True when the score is above the model's threshold, so that the labels
+    are likely wrong. Both are None for models without a measured threshold."""
 
     labels: np.ndarray
     image: Image.Image
@@ -130,6 +134,9 @@ class SegmentationResult:
     model_name: str
     source: str | None = None
     mode: str = "whole"
+    domain: str | None = None
+    domain_score: float | None = None
+    out_of_domain: bool | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -172,6 +179,9 @@ class SegmentationResult:
             "width": self.width,
             "height": self.height,
             "num_labels": len(self.label_names),
+            "domain": self.domain,
+            "out_of_domain": self.out_of_domain,
+            "domain_score": None if self.domain_score is None else round(self.domain_score, 4),
             "classes": [c.to_dict() for c in self.classes],
             "timings": self.timings.to_dict(),
         }
@@ -286,6 +296,8 @@ def model_info(
         "palette": visualize.palette_for(labels, meta.palette).tolist(),
         "palette_source": visualize.palette_name(labels, meta.palette),
         "preprocessing": processor.to_dict(),
+        "domain": meta.domain,
+        "out_of_domain": meta.out_of_domain,
         "source": meta.source,
         "format": meta.format,
         "license": meta.license,
@@ -406,6 +418,8 @@ class Segmenter:
         self.labels: list[str] = list(model.labels)
         self.palette: np.ndarray = visualize.palette_for(self.labels, model.metadata.palette)
         self._label_dtype = np.uint8 if len(self.labels) <= 256 else np.uint16
+        self.domain: str | None = model.metadata.domain
+        self.domain_check: DomainCheck | None = DomainCheck.from_metadata(model.metadata)
 
     @classmethod
     def from_pretrained(
@@ -548,7 +562,10 @@ class Segmenter:
         timed = _TimedEngine(self.engine, self.device)
         start = time.perf_counter()
         sizes = [(d.image.height, d.image.width) for d in decoded]  # type: ignore[union-attr]
-        label_maps = predict_labels_each(timed, pixel_values, self.mode, sizes)
+        check = self.domain_check
+        label_maps, scores = predict_labels_scored(
+            timed, pixel_values, self.mode, sizes, check.scores if check else None
+        )
         label_maps = [
             m.to("cpu", torch.uint8 if self._label_dtype is np.uint8 else torch.int32).numpy()
             for m in label_maps
@@ -558,8 +575,9 @@ class Segmenter:
         model_ms = timed.seconds * 1000 / count
         shared_post_ms = (inference_s - timed.seconds) * 1000 / count
         results = []
-        for d, labels in zip(decoded, label_maps, strict=True):
+        for i, (d, labels) in enumerate(zip(decoded, label_maps, strict=True)):
             start = time.perf_counter()
+            score = scores[i] if scores is not None else None
             labels = labels.astype(self._label_dtype, copy=False)
             classes = class_shares(labels, self.labels, self.palette)
             post_ms = shared_post_ms + (time.perf_counter() - start) * 1000
@@ -574,6 +592,9 @@ class Segmenter:
                     model_name=self.name,
                     source=d.source,
                     mode=self.mode.describe(),
+                    domain=self.domain,
+                    domain_score=score,
+                    out_of_domain=check.flags(score) if check and score is not None else None,
                 )
             )
         return results

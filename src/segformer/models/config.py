@@ -89,9 +89,45 @@ class SegformerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
-        lists = ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes")
-        lengths = {len(getattr(self, name)) for name in (*lists, "strides", "mlp_ratios")}
+        # A config.json is user input: every field is checked for type and range here, so a
+        # bad file gets one line naming the field instead of a TypeError or ZeroDivisionError
+        # deep inside the model's constructor.
+        for name in _STAGE_LISTS:
+            setattr(self, name, _positive_ints(getattr(self, name), name))
+        for name in ("num_channels", "decoder_hidden_size"):
+            setattr(self, name, _positive_int(getattr(self, name), name))
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob",
+                     "classifier_dropout_prob", "drop_path_rate"):  # fmt: skip
+            value = _number(getattr(self, name), name)
+            if not 0.0 <= value < 1.0:
+                raise CheckpointError(f"config: {name} must be in [0, 1), got {value!r}")
+            setattr(self, name, value)
+        self.layer_norm_eps = _number(self.layer_norm_eps, "layer_norm_eps")
+        if not self.layer_norm_eps > 0:
+            raise CheckpointError(
+                f"config: layer_norm_eps must be positive, got {self.layer_norm_eps!r}"
+            )
+        self.initializer_range = _number(self.initializer_range, "initializer_range")
+        if self.initializer_range < 0:
+            raise CheckpointError(
+                f"config: initializer_range must not be negative, got {self.initializer_range!r}"
+            )
+        if not isinstance(self.id2label, dict):
+            raise CheckpointError(
+                f"config: id2label must map class ids to names, got {type(self.id2label).__name__}"
+            )
+        try:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        except (TypeError, ValueError):
+            raise CheckpointError("config: id2label keys must be class ids (0, 1, …)") from None
+        if not isinstance(self.semantic_loss_ignore_index, int) or isinstance(
+            self.semantic_loss_ignore_index, bool
+        ):
+            raise CheckpointError(
+                "config: semantic_loss_ignore_index must be an integer, "
+                f"got {self.semantic_loss_ignore_index!r}"
+            )
+        lengths = {len(getattr(self, name)) for name in _STAGE_LISTS}
         if len(lengths) != 1:
             raise CheckpointError(
                 "config: hidden_sizes, depths, num_attention_heads, sr_ratios, patch_sizes, "
@@ -171,9 +207,14 @@ class SegformerConfig:
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         id2label = data.get("id2label")
         if id2label is None and "num_labels" in data:
-            id2label = {i: f"LABEL_{i}" for i in range(int(data["num_labels"]))}
+            count = data["num_labels"]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise CheckpointError(f"config: num_labels must be a whole number, got {count!r}")
+            id2label = {i: f"LABEL_{i}" for i in range(count)}
         values["id2label"] = id2label or {}
-        ours = data.get("segformer", {})
+        ours = data.get("segformer") or {}
+        if not isinstance(ours, dict):
+            raise CheckpointError('config: "segformer" must be a JSON object')
         # See TRANSFORMERS_LAYER_NORM_EPS: the file's layer_norm_eps is not what transformers
         # computes with, unless the file was written by us and says otherwise.
         values["layer_norm_eps"] = ours.get("layer_norm_eps", TRANSFORMERS_LAYER_NORM_EPS)
@@ -209,6 +250,41 @@ class SegformerConfig:
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: config.json must hold a JSON object")
         return cls.from_hf_dict(data)
+
+
+# The per-stage lists of a config: one positive integer per encoder stage each.
+_STAGE_LISTS = (
+    "hidden_sizes",
+    "depths",
+    "num_attention_heads",
+    "sr_ratios",
+    "patch_sizes",
+    "strides",
+    "mlp_ratios",
+)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    # JSON has no integer type of its own: 2.0 is accepted as 2, 2.5 and true are not.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise CheckpointError(f"config: {name} must be a whole number, got {value!r}")
+    if value < 1:
+        raise CheckpointError(f"config: {name} must be at least 1, got {value!r}")
+    return int(value)
+
+
+def _positive_ints(values: Any, name: str) -> list[int]:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise CheckpointError(
+            f"config: {name} must be a list of whole numbers, one per stage, got {values!r}"
+        )
+    return [_positive_int(v, f"{name}[{i}]") for i, v in enumerate(values)]
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise CheckpointError(f"config: {name} must be a number, got {value!r}")
+    return float(value)
 
 
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")

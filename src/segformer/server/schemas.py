@@ -46,6 +46,16 @@ class SegmentResponse(BaseModel):
     width: int
     height: int
     num_labels: int
+    domain: str | None = Field(None, description="What the model is for, in words.")
+    out_of_domain: bool | None = Field(
+        None,
+        description="True when the picture does not look like the model's training data "
+        "(domain_score above the model's threshold): the classes are then likely wrong. "
+        "None for models without a measured threshold.",
+    )
+    domain_score: float | None = Field(
+        None, description="How unlike the training data the picture looks (higher: less alike)."
+    )
     classes: list[ClassShareOut] = Field(description="Classes present, largest first.")
     timings: Timings
     images: dict[str, ImageOut] = Field(
@@ -67,6 +77,10 @@ class ModelInfo(BaseModel):
     labels: list[str] | None = None
     palette: list[Color] | None = None
     palette_source: str | None = None
+    domain: str | None = Field(None, description="What the model is for, in words.")
+    out_of_domain: dict[str, Any] | None = Field(
+        None, description="The out-of-domain warning's score, threshold and calibration."
+    )
     source: str | None = None
     license: str | None = None
     metrics: dict[str, Any] | None = None

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +46,31 @@ log = logging.getLogger("segformer")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+# Terminal colour codes: torch puts some in its messages, and they garble logs and JSON.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torch's weights-only refusal names the object it would not rebuild: "Unsupported global:
+# GLOBAL numpy._core.multiarray._reconstruct was not an allowed global …".
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _first_line(message: str, exc: BaseException) -> str:
+    lines = _ANSI.sub("", message).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def _refusal(message: str) -> str:
+    """Our own words for torch's weights-only refusal. torch's message advises re-loading with
+    ``weights_only=False``, which would run whatever code the file carries: we never pass that
+    on. Instead: what was refused, and the safe way to get usable weights."""
+    found = _UNSUPPORTED_GLOBAL.search(_ANSI.sub("", message))
+    what = f"a Python object ({found.group(1)})" if found else "Python objects"
+    return (
+        f"refused to load: the file holds {what} besides tensors and plain data, and rebuilding "
+        "it could run code; save the weights alone (torch.save(model.state_dict(), path)) or as "
+        ".safetensors where the file came from"
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------
@@ -61,14 +87,11 @@ def read_state_dict(path: Path) -> tuple[StateDict, dict[str, Any]]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
-        raise CheckpointError(
-            f"{path}: refused to load: the file holds Python objects other than tensors and plain "
-            f"data, which could run code ({first})"
-        ) from None
+        raise CheckpointError(f"{path}: {_refusal(str(exc))}") from None
     except Exception as exc:  # torch.load fails on junk with many exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(str(exc), exc)})"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     meta: dict[str, Any] = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
@@ -193,7 +216,10 @@ def load(
         sibling = path.parent / "config.json"
         if sibling.is_file():
             config = SegformerConfig.from_json_file(sibling)
-    fmt = detect_format(state)
+    try:
+        fmt = detect_format(state)
+    except CheckpointError as exc:  # name the file: the tensors alone do not say where it was
+        raise CheckpointError(f"{path}: {exc}") from None
     state = to_our_names(state, fmt)
     inferred, stored_task = infer_config(state, fmt)
     config = _agreeing_config(config, inferred, meta, source)

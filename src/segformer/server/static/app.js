@@ -160,15 +160,27 @@ async function loadModels() {
     select.replaceChildren(...data.models.map((m) => el("option", { value: m.name, text: m.name + (several && m.default ? " (default)" : "") })));
     select.value = state.model;
     select.disabled = data.models.length < 2;
+    showDomain();
   } catch (error) {
     toast("Could not list the models: " + error.message);
   }
+}
+
+function showDomain() {
+  // What the chosen model is for, beside the picker: a road-scene model says so before
+  // anyone drops a photo of a cat on it.
+  const info = state.models.find((m) => m.name === state.model);
+  const domain = $("#model-domain");
+  domain.textContent = info && info.domain ? "for " + info.domain : "";
+  domain.title = domain.textContent;
+  domain.hidden = !domain.textContent;
 }
 
 function setUpModelPicker() {
   $("#model").addEventListener("change", (event) => {
     state.model = event.target.value;
     localStorage.setItem("segformer.model", state.model);
+    showDomain();
     if (!$("#about").hidden) renderAbout();
     if (state.image && state.image.file) segmentImage(state.image.file);
   });
@@ -222,6 +234,7 @@ async function renderAbout() {
   const mode = info.mode ? info.mode.mode + (info.mode.crop_size ? ` (${info.mode.crop_size.join("×")} windows)` : "") : "–";
   const facts = [
     ["Name", info.name],
+    ["Made for", info.domain || "not stated"],
     ["Variant", info.variant === "custom" ? "custom" : info.variant ? "MiT-" + info.variant : "–"],
     ["Parameters", count(info.parameters)],
     ["Classes", info.num_labels],
@@ -467,6 +480,13 @@ function renderImageResult() {
   );
   $("#stat-size").textContent = `${result.width} × ${result.height}`;
   $("#stat-model").textContent = result.model;
+  const notice = $("#ood-notice");
+  notice.hidden = !result.out_of_domain;
+  if (result.out_of_domain) {
+    const about = state.models.find((m) => m.name === result.model);
+    const domain = about && about.domain ? ` (${about.domain})` : "";
+    notice.textContent = `This picture does not look like what the model was trained on${domain}: its labels are likely wrong. Choose a model trained on pictures like this one.`;
+  }
   $("#stat-mode").textContent = result.mode;
   for (const button of document.querySelectorAll(".segmented button")) {
     button.setAttribute("aria-checked", String(button.dataset.mode === state.mode));
