@@ -263,7 +263,12 @@ def main() -> int:
                 bench.run_model_job(
                     b2,
                     (512, 512),
-                    engines=[("fast", "fp32"), ("compiled", "fp32"), ("compiled", "bf16")],
+                    engines=[
+                        ("fast", "fp32"),
+                        ("compiled", "fp32"),
+                        ("compiled", "bf16"),
+                        *openvino_rows,
+                    ],
                     rounds=rounds,
                     burst=args.burst,
                     image=STREET,
