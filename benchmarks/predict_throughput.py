@@ -22,7 +22,7 @@ the ``images_per_second`` of ``summary.json``. Memory: each process's peak resid
 middle third's (the first holds model loading; a leak grows with the number of images).
 
     python benchmarks/predict_throughput.py                     # 500 photos, every job
-    python benchmarks/predict_throughput.py --limit 40 --fastest fast:bf16   # smoke run
+    python benchmarks/predict_throughput.py --limit 40 --fastest openvino:bf16   # smoke run
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="photos in the folder (default 500)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="only the first N photos (smoke run)")  # fmt: skip
     parser.add_argument("--jobs", default=",".join(JOBS), help="comma-separated, from: " + ", ".join(JOBS))  # fmt: skip
-    parser.add_argument("--fastest", default="compiled:bf16", help="BACKEND:PRECISION of ours-fastest")  # fmt: skip
+    parser.add_argument("--fastest", default="openvino:bf16", help="BACKEND:PRECISION of ours-fastest")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--_job", default=None, help=argparse.SUPPRESS)
     for name in ("--photos", "--out", "--model-dir", "--extra", "--result"):
