@@ -368,3 +368,22 @@ def test_photos_are_read_upright_as_prediction_reads_them(tmp_path):
     image, label = dataset.load(0)
     assert image.shape == (40, 30, 3) and label.shape == (40, 30)
     assert image[:20].mean() > 225 and image[20:].mean() < 30  # the stored left half is on top
+
+
+def test_a_decompression_bomb_in_a_dataset_is_one_line(tmp_path, monkeypatch):
+    """An image claiming more pixels than the limit is refused from its header, by name, in the
+    data check, the pre-flight and reading (limits shrunk so the test picture stays small)."""
+    from PIL import Image as PILImage
+
+    from segformer.cli import main
+    from segformer.training import files
+
+    root = write_folder(tmp_path / "data", make_samples(2, size=(64, 64)), "val")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 64×64 > 2×1000: Pillow's error
+    monkeypatch.setattr(files, "MAX_PIXELS", 1000)
+    image = sorted((root / "images" / "val").iterdir())[0]
+    with pytest.raises(DataError, match="decompression bomb"):
+        files.image_size(image)
+    with pytest.raises(DataError, match="above the limit"):
+        files.read_image_array(image)
+    assert main(["data", "check", str(root), "--format", "folder", "--split", "val"]) == 2

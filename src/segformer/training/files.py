@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from PIL import Image, UnidentifiedImageError
 
 from segformer.errors import DataError, ImageError
 from segformer.inference import processing
+
+# The largest image or mask a dataset may hold (Pillow's own decompression-bomb limit, about
+# 9500 × 9500): a file claiming more is refused before it is decoded, not read into memory.
+MAX_PIXELS = processing.DEFAULT_MAX_PIXELS
 
 
 def read_image_array(
@@ -23,7 +28,7 @@ def read_image_array(
     white)."""
 
     try:
-        return np.array(processing.read_image(source, max_pixels=None, name=name))
+        return np.array(processing.read_image(source, max_pixels=MAX_PIXELS, name=name))
     except ImageError as exc:
         raise DataError(str(exc)) from None
 
@@ -39,7 +44,7 @@ def read_mask_array(
 
     label = name or str(source)
     try:
-        values = processing.read_mask(source, max_pixels=None, name=label, palette=palette)
+        values = processing.read_mask(source, max_pixels=MAX_PIXELS, name=label, palette=palette)
     except ImageError as exc:
         raise DataError(str(exc)) from None
     if values.dtype != np.uint8:
@@ -58,12 +63,20 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(height, width) as ``read_image_array`` returns the image, from the file header alone."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             height, width = image.height, image.width
             try:
                 orientation = image.getexif().get(0x0112, 1)
             except Exception:  # unreadable EXIF: read_image shows the pixels as stored too
                 orientation = 1
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(
+            f"{path}: the image claims more than {MAX_PIXELS:,} pixels: refused as a possible "
+            "decompression bomb (resize it if it is a real picture)"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
     return (width, height) if orientation in _TRANSPOSED_ORIENTATIONS else (height, width)
