@@ -129,10 +129,12 @@ def test_kill_9_loses_only_the_images_in_flight(model_dir, tmp_path):  # noqa: F
     process.wait()
     finished = set(done_inputs(manifest_lines(out)))
     assert 5 <= len(finished) < 60
-    # every output present is whole: images decode, JSON parses (temporaries are hidden)
-    for path in out.glob("*.png"):
+    # every output present is whole: images decode, JSON parses. Temporaries are hidden
+    # (".name.tmp"), and pathlib's glob matches hidden names too: leave them out here.
+    outputs = [p for p in out.iterdir() if not p.name.startswith(".")]
+    for path in (p for p in outputs if p.suffix == ".png"):
         Image.open(path).load()
-    for path in out.glob("*.json"):
+    for path in (p for p in outputs if p.suffix == ".json"):
         json.loads(path.read_text())
 
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)

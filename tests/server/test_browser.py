@@ -242,8 +242,8 @@ def test_model_domain_and_out_of_domain_notice(
     settings = make_settings(model_dir, tmp_path, models=[f"flagging={folder}"])
     photo = tmp_path / "street.jpg"
     photo.write_bytes(street_scene())
-    with serving(settings) as (url, _):
-        page, errors = open_page(browser, Site(url, settings.bench_results), width, height)
+    with serving(settings) as live:
+        page, errors = open_page(browser, Site(live.url, settings.bench_results), width, height)
         if device == "desktop":  # beside the picker; on a phone only in the About panel
             assert page.is_visible("#model-domain")
             assert page.text_content("#model-domain") == "for test pictures of streets"
