@@ -128,11 +128,6 @@ def use_fast_allocator(argv: list[str], script: bool = False) -> None:
     if not changes:
         return
     env = {**os.environ, **changes, _MARK: "1"}
-    # PyTorch's OpenMP threads spin for a while after each parallel region; OpenVINO's own
-    # (TBB) threads then wait for the cores they spin on. Passive waiting measured on this
-    # 2-core machine, B0 512² interleaved with torch work: OpenVINO fp32 73.5 → 53.9 ms, bf16
-    # 35.4 → 30.7 ms, transformers eager 243 → 229 ms. Read by libgomp at start-up, hence here.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     program = [sys.argv[0]] if script else ["-m", "segformer.cli"]
     try:
         os.execve(sys.executable, [sys.executable, *program, *argv], env)
