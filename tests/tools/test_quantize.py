@@ -13,13 +13,13 @@ import torch
 
 import segformer
 from segformer.cli import main
+from segformer.inference.backends.openvino import OpenVinoEngine
 from segformer.models.fast import FastSegformer
 from segformer.models.metadata import DEFAULT_PREPROCESSING
 from segformer.tools import quantize as quantize_module
 from segformer.tools.quantize import (
     IR_XML,
     REPORT_JSON,
-    OpenVinoIrEngine,
     quantize,
     relative_error,
 )
@@ -119,7 +119,7 @@ def test_writes_model_folder_whose_int8_ir_agrees_with_torch(tmp_path, model_dir
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         expected = FastSegformer(model)(x)
-    got = OpenVinoIrEngine(out / IR_XML, hint="f32", threads=1)(x)
+    got = OpenVinoEngine(None, "int8", ir_path=out / IR_XML, hint="f32", threads=1, cache=False)(x)
     assert got.shape == expected.shape == (2, 3, 16, 24)
     assert relative_error(expected, got) < 0.1  # int8: loose, but not a different function
 

@@ -24,10 +24,10 @@ pointer"; see ``segformer.inference.backends.openvino._load_hwloc_normally``).
 ``SEGFORMER_ALLOCATOR``: ``auto`` (default: tcmalloc if present, else tuned glibc),
 ``tcmalloc``, ``glibc`` (tuned glibc), or ``system`` (change nothing).
 
-OpenVINO's CPU plugin aborts (``free(): invalid pointer``) in any process with tcmalloc (or
-jemalloc, mimalloc) preloaded: it is loaded with its own symbol binding, so memory allocated
-by one allocator is freed by the other (openvinotoolkit/openvino#29025). The subcommands in
-``OPENVINO_COMMANDS`` therefore get tuned glibc instead.
+OpenVINO's CPU plugin used to abort (``free(): invalid pointer``) with tcmalloc preloaded;
+``segformer.inference.backends.openvino.core`` now loads its ``libhwloc`` so that it runs
+with any allocator. ``segformer quantize`` (``OPENVINO_COMMANDS``) still gets tuned glibc:
+NNCF's calibration has not been measured under tcmalloc.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-
-from segformer.errors import SegformerError
 
 TCMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -60,7 +58,6 @@ GLIBC_TUNING = (
 CHOICES = ("auto", "tcmalloc", "glibc", "system")
 # Subcommands that run OpenVINO, which cannot live with a preloaded allocator (see above).
 OPENVINO_COMMANDS = frozenset({"quantize"})
-PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 _MARK = "SEGFORMER_ALLOCATOR_SET"
 
 
@@ -102,18 +99,6 @@ def environment(base: dict[str, str] | None = None, allow_preload: bool = True) 
     if "glibc.malloc.mmap_threshold" in tunables:
         return {}
     return {"GLIBC_TUNABLES": ":".join(filter(None, [tunables, *GLIBC_TUNING]))}
-
-
-def check_openvino_allocator() -> None:
-    """Raise, in one line, when this process has an allocator preloaded that OpenVINO's CPU
-    plugin would abort on (better than a crash with no message)."""
-    preloaded = os.environ.get("LD_PRELOAD", "")
-    for name in PRELOADED_ALLOCATORS:
-        if name in preloaded:
-            raise SegformerError(
-                f"OpenVINO aborts with {name} preloaded (LD_PRELOAD={preloaded}): run without it "
-                "(for segformer: SEGFORMER_ALLOCATOR=glibc)"
-            )
 
 
 def use_fast_allocator(argv: list[str], script: bool = False) -> None:

@@ -27,9 +27,7 @@ agreement with fp32, mIoU 67.27 vs 67.26, from 100 CamVid train images):
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -38,7 +36,6 @@ import random
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,12 +54,11 @@ from tqdm.auto import tqdm
 
 import segformer
 from segformer.errors import AccuracyError, CheckpointError, DataError, InputError, SegformerError
-from segformer.inference.backends.base import Engine, check_pixels
+from segformer.inference.backends.openvino import OpenVinoEngine, convert
 from segformer.inference.processing import ImageProcessor, read_image
 from segformer.inference.segmenter import Segmenter
 from segformer.models.fast import FastSegformer
 from segformer.models.segformer import SegformerForSemanticSegmentation
-from segformer.tools.allocator import check_openvino_allocator
 from segformer.training.datasets import SegmentationDataset
 from segformer.training.metrics import ConfusionMatrix, SegmentationMetrics
 from segformer.weights.checkpoints import save
@@ -95,73 +91,6 @@ RECIPE: dict[str, Any] = {
 # The conversion must be exact before quantization is judged: FastSegformer in OpenVINO fp32
 # against PyTorch is ~3e-7 relative error.
 CONVERSION_TOLERANCE = 1e-4
-# Compiled int8 programs kept, one per input shape (static shapes run ~2× faster than one
-# dynamic program on the CPU plugin).
-SHAPES_KEPT = 4
-
-
-@functools.cache
-def _core() -> ov.Core:
-    """One OpenVINO core per process: it owns the CPU plugin and its thread pools."""
-    check_openvino_allocator()
-    return ov.Core()
-
-
-def rest_precision() -> str:
-    """The precision of the ops NNCF leaves in float: bf16 where the CPU has it (what the
-    plugin picks by default there, and faster), else f32."""
-    capabilities = _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return "bf16" if "BF16" in capabilities else "f32"
-
-
-# ---------------------------------------------------------------------------------------
-# Running an IR
-# ---------------------------------------------------------------------------------------
-class OpenVinoIrEngine(Engine):
-    """An OpenVINO IR (an ``openvino.Model`` or the path of its .xml) as an engine: pixel
-    values (B, 3, H, W) → float32 logits (B, K, ⌈H/4⌉, ⌈W/4⌉) on the CPU. Each input shape
-    gets its own compiled program (the last ``SHAPES_KEPT`` are kept). ``hint``: the CPU
-    plugin's ``INFERENCE_PRECISION_HINT`` ("f32", "bf16"; default ``rest_precision()``)."""
-
-    backend = "openvino"
-
-    def __init__(
-        self,
-        ir: ov.Model | str | os.PathLike[str],
-        precision: str = "int8",
-        *,
-        hint: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        super().__init__(None, precision, torch.device("cpu"))
-        self.ir = ir if isinstance(ir, ov.Model) else _core().read_model(str(ir))
-        self.config: dict[str, Any] = {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": hint or rest_precision(),
-        }
-        if threads:
-            self.config["INFERENCE_NUM_THREADS"] = int(threads)
-        self._requests: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
-
-    def _request_for(self, shape: tuple[int, ...]) -> Any:
-        request = self._requests.get(shape)
-        if request is None:
-            reshaped = self.ir.clone()
-            reshaped.reshape({0: list(shape)})
-            request = _core().compile_model(reshaped, "CPU", self.config).create_infer_request()
-            self._requests[shape] = request
-            while len(self._requests) > SHAPES_KEPT:
-                self._requests.popitem(last=False)
-        self._requests.move_to_end(shape)
-        return request
-
-    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        check_pixels(pixel_values)
-        x = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy()
-        request = self._request_for(tuple(x.shape))
-        request.infer({0: x}, share_inputs=True)
-        # The output buffer belongs to the request and its next call overwrites it.
-        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,23 +102,6 @@ def pixel_values(processor: ImageProcessor, image: np.ndarray) -> np.ndarray:
     picture = read_image(image)
     resized = processor.resize(picture, processor.output_size(picture.height, picture.width))
     return processor.normalize(np.asarray(resized))[None].numpy()
-
-
-def convert(model: SegformerForSemanticSegmentation, sample: np.ndarray) -> ov.Model:
-    """``model``'s FastSegformer as an fp32 ``openvino.Model`` with a dynamic (?, C, ?, ?)
-    input ``pixel_values`` and output ``logits``. ``sample``: an input to trace with."""
-    channels = model.config.num_channels
-    # OpenVINO's PyTorch frontend traces with torch.jit, which warns that it is deprecated:
-    # nothing a user of this function can act on.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
-        ir = ov.convert_model(
-            FastSegformer(model.eval().to("cpu")),
-            example_input=torch.from_numpy(sample),
-            input=[(INPUT_NAME, ov.PartialShape([-1, channels, -1, -1]))],
-        )
-    ir.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-    return ir
 
 
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -205,7 +117,7 @@ def check_conversion(
     than rounding. Returns the relative error."""
     with torch.no_grad():
         expected = FastSegformer(model)(torch.from_numpy(sample))
-    got = OpenVinoIrEngine(ir, "fp32", hint="f32")(torch.from_numpy(sample))
+    got = OpenVinoEngine(None, "fp32", program=ir, cache=False)(torch.from_numpy(sample))
     error = relative_error(expected, got)
     if not error <= CONVERSION_TOLERANCE:
         raise AccuracyError(
@@ -279,7 +191,7 @@ def pick(count: int, samples: int | None, seed: int) -> list[int]:
 
 def compare(
     model: SegformerForSemanticSegmentation,
-    engine: Engine,
+    engine: OpenVinoEngine,
     dataset: SegmentationDataset,
     indices: list[int],
     processor: ImageProcessor,
@@ -421,21 +333,20 @@ def quantize(
     if samples < 1 or (val_samples is not None and val_samples < 1):
         raise SegformerError("samples and val_samples must be at least 1")
     _check_labels(model, validation)
-    check_openvino_allocator()  # before the minutes of work, not at the first compile
     model = model.eval().to("cpu")
     processor = ImageProcessor.from_model(model)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     chosen = pick(len(calibration), samples, seed)
     inputs = [pixel_values(processor, calibration.read_image(i)) for i in chosen]
-    fp32_ir = convert(model, inputs[0])
+    fp32_ir = convert(model)
     conversion_error = check_conversion(fp32_ir, model, inputs[0])
     seconds["convert"] = time.perf_counter() - started
     started = time.perf_counter()
     int8_ir = quantize_ir(fp32_ir, inputs)
     seconds["quantize"] = time.perf_counter() - started
     started = time.perf_counter()
-    engine = OpenVinoIrEngine(int8_ir, threads=threads)
+    engine = OpenVinoEngine(None, "int8", program=int8_ir, threads=threads, cache=False)
     val_indices = pick(len(validation), val_samples, seed)
     fp32, int8, agreement = compare(model, engine, validation, val_indices, processor, progress)
     seconds["evaluate"] = time.perf_counter() - started

@@ -207,8 +207,10 @@ class OpenVinoEngine(Engine):
     (an int8 model from ``segformer quantize``); ``model`` is then only recorded.
     ``precision``: "fp32" (exact), "bf16" (CPUs with bf16 only) or "int8" (with ``ir_path``).
     ``threads``: ``INFERENCE_NUM_THREADS`` (default: PyTorch's thread count).
-    ``static``: compile per input shape (faster; the last ``max_shapes`` kept) rather than
-    once for any shape. ``cache``: keep the IR and compiled blobs on disk.
+    ``program``: an ``openvino.Model`` in memory to run instead (e.g. a quantized model before
+    it is saved). ``hint``: override the precision hint (e.g. "f32" for an int8 program's
+    float ops). ``static``: compile per input shape (faster; the last ``max_shapes`` kept)
+    rather than once for any shape. ``cache``: keep the IR and compiled blobs on disk.
     ``converted`` says whether this engine had to convert the model.
     """
 
@@ -220,6 +222,8 @@ class OpenVinoEngine(Engine):
         precision: str = "fp32",
         *,
         ir_path: str | os.PathLike[str] | None = None,
+        program: Any | None = None,
+        hint: str | None = None,
         threads: int | None = None,
         static: bool = True,
         max_shapes: int = MAX_SHAPES,
@@ -229,8 +233,10 @@ class OpenVinoEngine(Engine):
         super().__init__(model, precision, torch.device("cpu"))
         if precision not in ("fp32", "bf16", "int8"):
             raise SegformerError(f"the openvino backend runs fp32, bf16 or int8, not {precision}")
-        if (precision == "int8") != (ir_path is not None):
-            raise SegformerError("int8 runs a quantized IR file, and an IR file runs as int8")
+        if precision == "int8" and ir_path is None and program is None:
+            raise SegformerError("int8 runs a quantized IR (a file, or a model in memory)")
+        if ir_path is not None and precision != "int8":
+            raise SegformerError("an IR file runs as int8 (it is a quantized model)")
         if precision == "bf16" and not cpu_has_bf16():
             raise SegformerError("this CPU has no bf16 instructions OpenVINO can use: use fp32")
         if max_shapes < 1:
@@ -238,9 +244,13 @@ class OpenVinoEngine(Engine):
         self.static = static
         self.max_shapes = max_shapes
         self.config = compile_config(precision, threads, cache)
+        if hint is not None:
+            self.config["INFERENCE_PRECISION_HINT"] = hint
         self._lock = threading.Lock()  # an infer request runs one call at a time
         self._model: Any | None = None  # the dynamic openvino.Model, read when first needed
-        if ir_path is not None:
+        if program is not None:
+            self.ir_path, self.converted, self._model = None, False, program
+        elif ir_path is not None:
             self.ir_path = Path(ir_path)
             if not self.ir_path.is_file() or not self.ir_path.with_suffix(".bin").is_file():
                 raise CheckpointError(f"{self.ir_path}: no OpenVINO IR (.xml and .bin) there")
