@@ -8,7 +8,7 @@ Jobs (``--jobs`` picks):
 - ``ours-default``: ``segformer predict DIR --out OUT``, today's outputs (label map, overlay, JSON).
 - ``ours-labels``: the same with ``--save labels`` (what the transformers jobs produce).
 - ``ours-fastest``: ``--save labels`` with ``--backend/--precision`` from ``--fastest``
-  (default ``compiled:bf16``; compile time is not counted, programs are cached).
+  (default ``openvino:bf16``; compile time is not counted, programs are cached).
 - ``ours-2x1``: ``--save labels`` under ``torchrun --nproc_per_node 2``, one thread per rank
   (to set against ``ours-labels``, one process with two threads).
 - ``hf-pipeline``: transformers' ``pipeline("image-segmentation")`` over the same files.

@@ -1,11 +1,14 @@
 """Turn a finished CamVid run into the package's built-in model, with its model card.
 
-    python recipes/publish_builtin.py runs/camvid-b0 [--data ../shared/data/camvid]
+    python recipes/publish_builtin.py runs/camvid-b0-trainval --holdout runs/camvid-b0-holdout
 
-Evaluates the run's best checkpoint on CamVid val with the library's own evaluation (whole
-image at 480×360; then flip; then multi-scale + flip), writes the weights, config and
-preprocessing into src/segformer/weights/builtin/camvid-b0/ with the metrics in the model's metadata,
-copies the training curves, and writes the model card (README.md) from those numbers.
+Evaluates the run's exported model (``best/``: the best validation, or the last step when the
+run had no validation) on CamVid val with the library's own evaluation (whole image at
+480×360; then flip; then multi-scale + flip) and, with ``--holdout``, the same recipe's run
+that left one recording out on that recording (its ``val_include``): the estimate of how the
+model does on a drive it has not seen. Writes the weights, config and preprocessing into
+src/segformer/weights/builtin/camvid-b0/ with the metrics in the model's metadata, the
+training curves, and the model card (README.md) from those numbers and the notes file.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from segformer.inference.modes import InferenceMode
 from segformer.inference.processing import ImageProcessor
 from segformer.tools.bench import cpu_model
 from segformer.training import reports
-from segformer.training.datasets import open_dataset
+from segformer.training.config import TrainConfig
+from segformer.training.datasets import open_dataset, open_splits
 from segformer.training.metrics import evaluate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +59,12 @@ def main() -> None:
         "--wall-time", default=None, help="training wall time to report, e.g. '2 h 40 min'"
     )
     parser.add_argument(
+        "--holdout",
+        type=Path,
+        default=None,
+        help="the same recipe's run without one recording, validated on it (cross-drive estimate)",
+    )
+    parser.add_argument(
         "--notes",
         type=Path,
         default=REPO / "recipes" / "camvid-b0-notes.md",
@@ -71,27 +81,28 @@ def main() -> None:
         metrics = evaluate_dataset(model, dataset, mode, processor=processor, progress=True)
         results[name] = metrics
         print(f"{name}: {metrics.summary()}")
+    holdout = evaluate_holdout(args.holdout, args.data) if args.holdout else None
 
     whole = results["whole"]
     history = read_history(args.run)
     training = model.metadata.training or {}
+    recipe = training.get("recipe", {})
     model.metadata = model.metadata.replace(
         **{
             "name": "camvid-b0",
             "domain": DOMAIN,
             "license": "Apache-2.0 (weights trained by the segformer project); data: CamVid research terms",
-            "dataset": "CamVid 11 classes, train split (367 images); selected on val (101 images)",
+            "dataset": dataset_text(recipe),
             "metrics": {
                 "dataset": "camvid:val",
+                "val_in_training_data": "val" in recipe.get("train_split", "train").split("+"),
                 "size": "480x360",
                 **{
                     name: {k: round(v, 2) for k, v in m.summary().items()}
                     for name, m in results.items()
                 },
-                "per_class_IoU": {
-                    n: (None if math.isnan(v) else round(100 * v, 2))
-                    for n, v in zip(whole.labels, whole.iou, strict=True)
-                },
+                "per_class_IoU": per_class(whole),
+                **({"held_out_recording": holdout} if holdout else {}),
             },
             "training": {k: v for k, v in training.items() if k != "recipe"},
         }
@@ -104,7 +115,8 @@ def main() -> None:
         reports.plot_validation_curve(history, staging / "validation.png")
         reports.plot_per_class_iou(whole, staging / "per_class_iou.png")
         (staging / "README.md").write_text(
-            model_card(results, history, training, args.wall_time, notes), encoding="utf-8"
+            model_card(results, history, training, args.wall_time, notes, holdout),
+            encoding="utf-8",
         )
         if TARGET.exists():
             shutil.rmtree(TARGET)
@@ -112,6 +124,44 @@ def main() -> None:
     size = (TARGET / "model.safetensors").stat().st_size / 2**20
     print(f"published to {TARGET} (weights {size:.1f} MiB)")
     print(AFTER)
+
+
+def per_class(metrics) -> dict[str, float | None]:
+    return {
+        n: (None if math.isnan(v) else round(100 * v, 2))
+        for n, v in zip(metrics.labels, metrics.iou, strict=True)
+    }
+
+
+def dataset_text(recipe: dict) -> str:
+    if "val" in recipe.get("train_split", "train").split("+"):
+        return (
+            "CamVid 11 classes, train + val (468 images); no model selection: the last step's "
+            "averaged weights"
+        )
+    return "CamVid 11 classes, train split (367 images); selected on val (101 images)"
+
+
+def evaluate_holdout(run: Path, data: str) -> dict:
+    """The hold-out run's last weights on the recording it left out (whole image), with the
+    command that reproduces the figure."""
+    config = TrainConfig.from_file(run / "config.yaml")
+    model = segformer.load(run / "last")
+    dataset = open_splits(data, "camvid", config.val_split, include=config.val_include)
+    metrics = evaluate_dataset(model, dataset, MODES["whole"], progress=True)
+    print(f"held-out recording {config.val_include}: {metrics.summary()}")
+    include = " ".join(f"--include '{g}'" for g in config.val_include)
+    return {
+        "recording": " ".join(config.val_include),
+        "images": len(dataset),
+        "trained_without": " ".join(config.train_exclude),
+        **{k: round(v, 2) for k, v in metrics.summary().items()},
+        "per_class_IoU": per_class(metrics),
+        "command": (
+            f"segformer eval --model {run}/last --data ../shared/data/camvid --format camvid "
+            f"--split {config.val_split} {include} --native"
+        ),
+    }
 
 
 def read_history(run: Path) -> dict:
@@ -132,16 +182,22 @@ AFTER = "then python recipes/calibrate_ood.py (the out-of-domain threshold for t
 
 
 def model_card(
-    results: dict, history: dict, training: dict, wall_time: str | None, notes: str = ""
+    results: dict,
+    history: dict,
+    training: dict,
+    wall_time: str | None,
+    notes: str = "",
+    holdout: dict | None = None,
 ) -> str:
     whole = results["whole"]
     steps = training.get("steps", "?")
     recipe = training.get("recipe", {})
+    trained_on_val = "val" in recipe.get("train_split", "train").split("+")
     rows = "\n".join(
         f"| {name} | {m.summary()['mIoU']:.2f} | {m.summary()['mAcc']:.2f} | {m.summary()['aAcc']:.2f} |"
         for name, m in results.items()
     )
-    per_class = "\n".join(
+    per_class_rows = "\n".join(
         f"| {n} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |"
         for n, v in zip(whole.labels, whole.iou, strict=True)
     )
@@ -155,10 +211,37 @@ def model_card(
         else ""
     )
     best = max(history.get("val", []), key=lambda r: r["mIoU"], default=None)
-    selected = (
-        f"step {best['step']} (val mIoU {best['mIoU']:.2f} during training)"
-        if best
-        else "the last step"
+    if trained_on_val:
+        selection = (
+            "none: the schedule was fixed in advance and the last step's averaged (EMA) "
+            "weights ship"
+        )
+        data = "CamVid train + val (468 images: the three recordings 0001TP, 0006R0, 0016E5)"
+        recipe_file, run_dir = "recipes/camvid-b0-trainval.yaml", "runs/camvid-b0-trainval"
+        val_title = "CamVid val (101 images, 480×360) — part of the training data"
+        val_caveat = (
+            "These frames were trained on: the table shows how well the model fits them, "
+            "not how it does on pictures it has not seen. For that, see the held-out "
+            "recording below.\n\n"
+        )
+    else:
+        at = f"step {best['step']} (val mIoU {best['mIoU']:.2f} during training)" if best else ""
+        selection = f"val mIoU, best at {at or 'the last step'}"
+        data = "CamVid train (367 images)"
+        recipe_file, run_dir = "recipes/camvid-b0.yaml", "runs/camvid-b0"
+        val_title = "CamVid val (101 images, 480×360)"
+        val_caveat = ""
+    schedule = (
+        f"linear warm-up ({recipe.get('warmup_steps', '?')} steps), then linear decay to zero"
+        + (f" with warm restarts at {recipe['restarts']}" if recipe.get("restarts") else "")
+    )
+    augment = "flip, photometric distortion" + (
+        ", gamma and colour temperature (dusk and overcast light)" if recipe.get("lighting") else ""
+    )
+    ema = (
+        f"; weights averaged over steps (EMA, decay {recipe['ema_decay']}): those ship"
+        if recipe.get("ema_decay")
+        else ""
     )
     return f"""# camvid-b0: SegFormer-B0 trained from scratch on CamVid
 
@@ -174,10 +257,10 @@ them (e.g. `--model nvidia/segformer-b0-finetuned-ade-512-512`) or `segformer tr
 - Classes (11): sky, building, pole, road, pavement, tree, sign/symbol, fence, car,
   pedestrian, bicyclist; CamVid's void label is ignored. Standard CamVid colours.
 - Input: the whole image at its own size (CamVid frames are 480×360), ImageNet mean/std.
-{status}
-## Results on CamVid val (101 images, 480×360)
+{status}{holdout_section(holdout)}
+## Results on {val_title}
 
-| inference | mIoU | mAcc | aAcc |
+{val_caveat}| inference | mIoU | mAcc | aAcc |
 | --- | --- | --- | --- |
 {rows}
 
@@ -185,7 +268,7 @@ Per-class IoU (whole image, no test-time augmentation):
 
 | class | IoU |
 | --- | --- |
-{per_class}
+{per_class_rows}
 
 Reproduce: `segformer eval --data ../shared/data/camvid --format camvid --split val --native`
 (add `--flip`, or `--scales 0.5 0.75 1 1.25 1.5 1.75 --flip`). The CamVid test split was
@@ -193,20 +276,20 @@ never used: it is held back to judge this model.
 
 ## Training
 
-- Data: CamVid train (367 images). Model selection: val mIoU, best at {selected}.
-- Recipe: `recipes/camvid-b0.yaml` — random resize 0.5–2.0 of each image's own size,
-  random {recipe.get("crop_size", "?")} crops (at most 75 % one class), flip, photometric
-  distortion; AdamW lr {recipe.get("lr", "?")}, weight decay {recipe.get("weight_decay", "?")},
-  linear warm-up then linear decay in two cycles (a warm restart at step 7200), ENet class
-  weights, gradient clipping, bf16 autocast.
-- Command: `segformer train recipes/camvid-b0.yaml` (resume with `segformer train --resume runs/camvid-b0`),
-  then `python recipes/publish_builtin.py runs/camvid-b0`.
+- Data: {data}. Model selection: {selection}.
+- Recipe: `{recipe_file}` — random resize {recipe.get("ratio_range", "?")} of each image's own
+  size, random {recipe.get("crop_size", "?")} crops (at most 75 % one class), {augment};
+  AdamW lr {recipe.get("lr", "?")}, weight decay {recipe.get("weight_decay", "?")}, {schedule},
+  ENet class weights, stochastic depth {recipe.get("drop_path_rate", "?")}, gradient
+  clipping, bf16 autocast{ema}.
+- Command: `segformer train {recipe_file}` (resume with `segformer train --resume {run_dir}`),
+  then `python recipes/publish_builtin.py {run_dir}`.
 - Steps: {steps} of batch {recipe.get("batch_size", "?")} (of {reached} trained).
-- Hardware: {cpu_model()}, 2 cores, no GPU (torch {torch.__version__}).
+- Hardware: {cpu_model()}, {recipe.get("threads") or 2} PyTorch thread(s), no GPU (torch {torch.__version__}).
 - Wall time: {wall_time or "see the run log"}.
 
 ![training curves](training_curves.png)
-![validation mIoU](validation.png)
+{"" if trained_on_val else "![validation mIoU](validation.png)"}
 ![per-class IoU](per_class_iou.png)
 
 {notes}
@@ -214,6 +297,33 @@ never used: it is held back to judge this model.
 ## Licence
 
 Weights: Apache-2.0, like the code that trained them. Data: {DATA_TERMS}
+"""
+
+
+def holdout_section(holdout: dict | None) -> str:
+    """The cross-recording estimate: the same recipe trained without one recording, scored on
+    it."""
+    if not holdout:
+        return ""
+    rows = "\n".join(
+        f"| {n} | {'n/a' if v is None else f'{v:.2f}'} |"
+        for n, v in holdout["per_class_IoU"].items()
+    )
+    return f"""
+## Expected on a drive it has not seen
+
+The same recipe, trained on train + val without recording {holdout["recording"]}
+({holdout["images"]} frames), then scored on that recording (whole image, 480×360):
+**mIoU {holdout["mIoU"]:.2f}** (mAcc {holdout["mAcc"]:.2f}, aAcc {holdout["aAcc"]:.2f}).
+Validation frames from the recordings the model trained on flatter it; a whole unseen
+recording is the honest estimate.
+
+| class | IoU on the unseen recording |
+| --- | --- |
+{rows}
+
+Reproduce (after training the hold-out run, see the notes below):
+`{holdout["command"]}`
 """
 
 

@@ -85,3 +85,44 @@ def test_the_stored_value_is_named_when_the_format_maps_it(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {mask}: stored value 9 → label 8, but there are 3 classes (0..2, 255 = ignore)\n"
     )
+
+
+def _rename(root: Path, split: str, old: str, new: str) -> None:
+    for folder in (split, f"{split}annot"):
+        (root / folder / f"{old}.png").rename(root / folder / f"{new}.png")
+
+
+def test_joined_splits_and_file_name_filters_evaluate_exactly_the_chosen_images(tmp_path):
+    import json
+
+    from segformer.cli import main
+    from tests.segdata import write_camvid
+
+    s0, s1, s2, s3 = make_samples(4, size=(64, 64))
+    # two recordings told apart by the file-name prefix, each in train and in val
+    everything = tmp_path / "all"
+    write_camvid(everything, [s0, s1], "train")
+    write_camvid(everything, [s2, s3], "val")
+    _rename(everything, "train", "frame_001", "drive2_000")
+    _rename(everything, "val", "frame_001", "drive2_001")
+    # the references: val splits holding exactly the images the filters should choose
+    drive2 = write_camvid(tmp_path / "drive2", [s1, s3], "val")
+    first = write_camvid(tmp_path / "first", [s1], "val")
+    model = _small_model(tmp_path / "model", classes=11)
+
+    def evaluate(data: Path, out: str, *extra: str) -> dict:
+        assert main(_eval(model, data, tmp_path / out, "camvid", *extra)) == 0
+        return json.loads((tmp_path / out / "metrics.json").read_text())
+
+    held_out = evaluate(everything, "a", "--split", "train+val", "--include", "drive2_*")
+    assert (held_out["split"], held_out["include"], held_out["images"]) == (
+        "train+val",
+        ["drive2_*"],
+        2,
+    )
+    assert held_out["mIoU"] == evaluate(drive2, "b")["mIoU"]
+    narrowed = evaluate(
+        everything, "c", "--split", "train+val", "--include", "drive2_*", "--exclude", "*_001.png"
+    )
+    assert narrowed["images"] == 1
+    assert narrowed["mIoU"] == evaluate(first, "d")["mIoU"]

@@ -20,6 +20,7 @@ from segformer.training.datasets import (
     EpochSampler,
     eval_loader,
     open_dataset,
+    open_splits,
     train_loader,
 )
 from segformer.training.files import read_labels_file
@@ -154,6 +155,46 @@ def test_cityscapes_sample_label_ids_agree_with_its_label_train_ids():
 
 
 @pytest.mark.shared
+def test_joined_splits_and_file_name_filters(tmp_path):
+    samples = make_samples(3)
+    write_camvid(tmp_path, samples[:2], "train")
+    write_camvid(tmp_path, samples[2:], "val")
+    # two recordings, told apart by the file-name prefix, across the two splits
+    for split, old, new in [
+        ("train", "frame_001", "drive2_001"),
+        ("val", "frame_000", "drive2_000"),
+    ]:
+        for folder in (split, f"{split}annot"):
+            (tmp_path / folder / f"{old}.png").rename(tmp_path / folder / f"{new}.png")
+    joined = open_splits(tmp_path, "camvid", "train+val")
+    assert sorted(p[0].name for p in joined.pairs) == [
+        "drive2_000.png",
+        "drive2_001.png",
+        "frame_000.png",
+    ]
+    held_out = open_splits(tmp_path, "camvid", "train+val", include=["drive2_*"])
+    assert sorted(p[0].name for p in held_out.pairs) == ["drive2_000.png", "drive2_001.png"]
+    assert "drive2_*" in held_out.name
+    rest = open_splits(tmp_path, "camvid", "train+val", exclude=["drive2_*"])
+    assert [p[0].name for p in rest.pairs] == ["frame_000.png"]
+    # each image still comes with its own mask
+    assert np.array_equal(as_numpy(rest[0])[1], samples[0][1])
+    with pytest.raises(DataError, match="no images left after the file-name filters"):
+        open_splits(tmp_path, "camvid", "train", include=["nothing_*"])
+
+
+@pytest.mark.shared
+def test_camvid_drives_by_file_name_prefix():
+    # CamVid train + val hold three recordings: 0001TP (62 frames, dusk), 0006R0 (101) and
+    # 0016E5 (305); val is 101 frames of 0016E5.
+    counts = {
+        drive: len(open_splits(CAMVID, "camvid", "train+val", include=[f"{drive}_*"]))
+        for drive in ("0001TP", "0006R0", "0016E5")
+    }
+    assert counts == {"0001TP": 62, "0006R0": 101, "0016E5": 305}
+    assert len(open_splits(CAMVID, "camvid", "train+val", exclude=["0006R0_*"])) == 367
+
+
 def test_camvid_shared_folder_opens_and_passes_the_preflight_scan():
     train, val = open_dataset(CAMVID, "camvid", "train"), open_dataset(CAMVID, "camvid", "val")
     assert (len(train), len(val)) == (367, 101)

@@ -41,7 +41,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="DIR", help="dataset folder (or list file)")
     data.add_argument("--format", required=True, choices=FORMATS, help="dataset layout")
-    data.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    data.add_argument(
+        "--split", default="val", help="split to evaluate; a+b joins splits (default: val)"
+    )
+    data.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep only images whose file name matches (repeatable), e.g. '0006R0_*'",
+    )
+    data.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out images whose file name matches (repeatable)",
+    )
     data.add_argument(
         "--labels",
         metavar="JSON",
@@ -99,7 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from segformer.inference.processing import ImageProcessor
     from segformer.training import reports
     from segformer.training.datacheck import scan
-    from segformer.training.datasets import open_dataset
+    from segformer.training.datasets import open_splits
     from segformer.training.distributed import setup_distributed
     from segformer.training.files import read_labels_file
     from segformer.training.metrics import evaluate_dataset
@@ -110,10 +126,12 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_segmentation_model(args.model, purpose="evaluation")
     model_name = args.model or DEFAULT_MODEL
     reduce = None if args.reduce_labels is None else args.reduce_labels == "yes"
-    dataset = open_dataset(
+    dataset = open_splits(
         args.data,
         args.format,
         args.split,
+        include=args.include,
+        exclude=args.exclude,
         reduce_labels=reduce,
         image_column=args.image_column,
         mask_column=args.mask_column,
@@ -165,6 +183,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "data": str(args.data),
             "format": args.format,
             "split": args.split,
+            "include": args.include,
+            "exclude": args.exclude,
             "images": len(dataset),
             "mode": mode.describe(),
             "preprocessing": processor.to_dict(),

@@ -75,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--batch-size",
         type=int,
-        default=4,
-        help="images (or video frames) per model call (default 4)",
+        default=None,
+        help="images (or video frames) per model call (default: 1 on a CPU, 4 on a GPU)",
     )
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: auto)")
     run.add_argument(
@@ -188,7 +188,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise SegformerError("nothing to segment: give INPUT paths or --from-list FILE")
     if not 0.0 <= args.opacity <= 1.0:
         raise SegformerError("--opacity must be between 0 and 1")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise SegformerError("--batch-size must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise SegformerError("--threads must be at least 1")

@@ -27,6 +27,8 @@ size mismatches, unreadable files) and counts class pixels on the way.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import io
 import logging
 import os
@@ -579,6 +581,36 @@ def open_dataset(
         palette=palette,
         mask_palette=mask_palette,
     )
+
+
+def open_splits(
+    root: str | os.PathLike[str],
+    format: str,
+    split: str,
+    *,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    **options: Any,
+) -> SegmentationDataset:
+    """``open_dataset`` for ``split``, where ``a+b`` joins splits (``train+val``) and file-name
+    patterns (fnmatch, on the image's name) keep (``include``) or drop (``exclude``) images,
+    so that one whole recording can be held out, trained without and evaluated alone.
+    ``options`` go to ``open_dataset``."""
+    include, exclude = list(include), list(exclude)
+    parts = [open_dataset(root, format, name, **options) for name in split.split("+")]
+    if len(parts) == 1 and not include and not exclude:
+        return parts[0]
+    if any(isinstance(part, HFSegmentationDataset) for part in parts):
+        raise DataError("joining splits or filtering files needs a file-based format")
+    pairs = [pair for part in parts for pair in part.pairs]
+    if include:
+        pairs = [p for p in pairs if any(fnmatch.fnmatch(p[0].name, g) for g in include)]
+    pairs = [p for p in pairs if not any(fnmatch.fnmatch(p[0].name, g) for g in exclude)]
+    if not pairs:
+        raise DataError(f"{root} [{split}]: no images left after the file-name filters")
+    name = f"{root} [{split}" + (f" {' '.join(include)}" if include else "")
+    name += (f" without {' '.join(exclude)}" if exclude else "") + "]"
+    return dataclasses.replace(parts[0], name=name, pairs=pairs)
 
 
 def _open_tool_export(

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import fnmatch
 import logging
 import math
 import os
@@ -74,11 +73,10 @@ from segformer.training.config import TrainConfig, read_config_file
 from segformer.training.datacheck import scan
 from segformer.training.datasets import (
     AugmentedDataset,
-    HFSegmentationDataset,
     SegmentationDataset,
     eval_loader,
     loader_batches,
-    open_dataset,
+    open_splits,
     train_loader,
 )
 from segformer.training.distributed import (
@@ -211,35 +209,19 @@ def is_variant(name: str) -> bool:
 def open_split(
     config: TrainConfig, split: str, include: list[str] = (), exclude: list[str] = ()
 ) -> SegmentationDataset:
-    """Split ``split`` of the run's data; ``a+b`` joins splits (train+val), and file-name
-    patterns keep (``include``) or drop (``exclude``) images, so that, e.g., one whole
-    recording can be held out for validation."""
-    parts = [
-        open_dataset(
-            config.data,
-            config.format,
-            name,
-            reduce_labels=config.reduce_labels,
-            image_column=config.image_column,
-            mask_column=config.mask_column,
-            background=config.background,
-        )
-        for name in split.split("+")
-    ]
-    dataset = parts[0]
-    if len(parts) == 1 and not include and not exclude:
-        return dataset
-    if any(isinstance(part, HFSegmentationDataset) for part in parts):
-        raise SegformerError("joining splits or filtering files needs a file-based format")
-    pairs = [pair for part in parts for pair in part.pairs]
-    if include:
-        pairs = [p for p in pairs if any(fnmatch.fnmatch(p[0].name, g) for g in include)]
-    pairs = [p for p in pairs if not any(fnmatch.fnmatch(p[0].name, g) for g in exclude)]
-    if not pairs:
-        raise DataError(f"{config.data} [{split}]: no images left after the file-name filters")
-    name = f"{config.data} [{split}" + (f" {' '.join(include)}" if include else "")
-    name += (f" without {' '.join(exclude)}" if exclude else "") + "]"
-    return dataclasses.replace(dataset, name=name, pairs=pairs)
+    """Split ``split`` of the run's data (``a+b`` joins splits; see ``open_splits`` for the
+    file-name filters)."""
+    return open_splits(
+        config.data,
+        config.format,
+        split,
+        include=include,
+        exclude=exclude,
+        reduce_labels=config.reduce_labels,
+        image_column=config.image_column,
+        mask_column=config.mask_column,
+        background=config.background,
+    )
 
 
 def resolve_labels(
