@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument(
         "--notes",
         type=Path,
-        default=REPO / "recipes" / "camvid-b0-notes.md",
+        default=REPO / "recipes" / "camvid-b0-trainval-notes.md",
         help="Markdown on how the run went and what mattered, put into the card",
     )
     args = parser.parse_args()
@@ -216,13 +216,13 @@ def model_card(
             "none: the schedule was fixed in advance and the last step's averaged (EMA) "
             "weights ship"
         )
-        data = "CamVid train + val (468 images: the three recordings 0001TP, 0006R0, 0016E5)"
+        data = "CamVid train + val (468 images from the three recordings 0001TP, 0006R0, 0016E5)"
         recipe_file, run_dir = "recipes/camvid-b0-trainval.yaml", "runs/camvid-b0-trainval"
         val_title = "CamVid val (101 images, 480×360) — part of the training data"
         val_caveat = (
-            "These frames were trained on: the table shows how well the model fits them, "
-            "not how it does on pictures it has not seen. For that, see the held-out "
-            "recording below.\n\n"
+            "These frames were trained on: the table shows how well the model fits them,\n"
+            "not how it does on pictures it has not seen (for that, see the unseen recording\n"
+            "above).\n\n"
         )
     else:
         at = f"step {best['step']} (val mIoU {best['mIoU']:.2f} during training)" if best else ""
@@ -231,6 +231,7 @@ def model_card(
         recipe_file, run_dir = "recipes/camvid-b0.yaml", "runs/camvid-b0"
         val_title = "CamVid val (101 images, 480×360)"
         val_caveat = ""
+    publish_options = " --holdout runs/camvid-b0-holdout" if holdout else ""
     schedule = (
         f"linear warm-up ({recipe.get('warmup_steps', '?')} steps), then linear decay to zero"
         + (f" with warm restarts at {recipe['restarts']}" if recipe.get("restarts") else "")
@@ -276,14 +277,16 @@ never used: it is held back to judge this model.
 
 ## Training
 
-- Data: {data}. Model selection: {selection}.
-- Recipe: `{recipe_file}` — random resize {recipe.get("ratio_range", "?")} of each image's own
-  size, random {recipe.get("crop_size", "?")} crops (at most 75 % one class), {augment};
-  AdamW lr {recipe.get("lr", "?")}, weight decay {recipe.get("weight_decay", "?")}, {schedule},
-  ENet class weights, stochastic depth {recipe.get("drop_path_rate", "?")}, gradient
-  clipping, bf16 autocast{ema}.
-- Command: `segformer train {recipe_file}` (resume with `segformer train --resume {run_dir}`),
-  then `python recipes/publish_builtin.py {run_dir}`.
+- Data: {data}.
+- Model selection: {selection}.
+- Recipe: `{recipe_file}` — random resize {recipe.get("ratio_range", "?")} of each image's
+  own size, random {recipe.get("crop_size", "?")} crops (at most 75 % one class), {augment};
+  AdamW lr {recipe.get("lr", "?")}, weight decay {recipe.get("weight_decay", "?")},
+  {schedule}, ENet class weights, stochastic depth {recipe.get("drop_path_rate", "?")},
+  gradient clipping, bf16 autocast{ema}.
+- Command: `segformer train {recipe_file}` (resume with
+  `segformer train --resume {run_dir}`), then
+  `python recipes/publish_builtin.py {run_dir}{publish_options}`.
 - Steps: {steps} of batch {recipe.get("batch_size", "?")} (of {reached} trained).
 - Hardware: {cpu_model()}, {recipe.get("threads") or 2} PyTorch thread(s), no GPU (torch {torch.__version__}).
 - Wall time: {wall_time or "see the run log"}.
