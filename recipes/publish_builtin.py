@@ -95,7 +95,7 @@ def main() -> None:
             "dataset": dataset_text(recipe),
             "metrics": {
                 "dataset": "camvid:val",
-                "val_in_training_data": "val" in recipe.get("train_split", "train").split("+"),
+                "val_in_training_data": trains_on_val(recipe),
                 "size": "480x360",
                 **{
                     name: {k: round(v, 2) for k, v in m.summary().items()}
@@ -133,8 +133,13 @@ def per_class(metrics) -> dict[str, float | None]:
     }
 
 
+def trains_on_val(recipe: dict) -> bool:
+    """Whether the run trained on CamVid val (``train_split: train+val``)."""
+    return "val" in recipe.get("train_split", "train").split("+")
+
+
 def dataset_text(recipe: dict) -> str:
-    if "val" in recipe.get("train_split", "train").split("+"):
+    if trains_on_val(recipe):
         return (
             "CamVid 11 classes, train + val (468 images); no model selection: the last step's "
             "averaged weights"
@@ -192,7 +197,7 @@ def model_card(
     whole = results["whole"]
     steps = training.get("steps", "?")
     recipe = training.get("recipe", {})
-    trained_on_val = "val" in recipe.get("train_split", "train").split("+")
+    trained_on_val = trains_on_val(recipe)
     rows = "\n".join(
         f"| {name} | {m.summary()['mIoU']:.2f} | {m.summary()['mAcc']:.2f} | {m.summary()['aAcc']:.2f} |"
         for name, m in results.items()

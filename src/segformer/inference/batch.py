@@ -970,6 +970,8 @@ def _failed(
 # ones: encoding an overlay PNG takes about half as long as the model on a 480×360 photo, and
 # zlib and file writes release the GIL. Bounded, so that memory stays flat.
 WRITES_IN_FLIGHT = 4
+# What an image's summary record takes from ``SegmentationResult.to_dict``.
+IMAGE_RECORD_FIELDS = ("width", "height", "out_of_domain", "domain_score", "classes", "timings")
 
 
 def _run_images(
@@ -1035,17 +1037,13 @@ def _finish_image(
         _failed(item, f"cannot write outputs ({exc.strerror or exc})", writer, progress, failures)
         return
     outputs = _record_outputs(out_dir, paths)
+    described = result.to_dict()
     record = {
         "input": str(item.path),
         "kind": "image",
         "status": "ok",
         "outputs": {kind: name for kind, (name, _) in outputs.items()},
-        "width": result.width,
-        "height": result.height,
-        "out_of_domain": result.out_of_domain,
-        "domain_score": result.to_dict()["domain_score"],
-        "classes": [c.to_dict() for c in result.classes],
-        "timings": result.timings.to_dict(),
+        **{key: described[key] for key in IMAGE_RECORD_FIELDS},
     }
     if result.out_of_domain:
         progress.write(domain_warning(result, item.path))
