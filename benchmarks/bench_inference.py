@@ -1,5 +1,6 @@
 """Inference benchmark behind benchmarks/README.md: our engines against transformers' model on
-the same weights, inputs, threads and allocator, interleaved in one process.
+the same weights, inputs, threads and allocator, interleaved, each engine in a process of its own
+(`--in-process`: all in this one).
 
 Jobs (the targets of the engine issue):
 
@@ -169,6 +170,11 @@ def main() -> int:
         help="calls per engine per round, the last one timed (warm caches; default 2; 1: strict alternation)",
     )
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="time every engine in this one process instead of each in its own",
+    )
+    parser.add_argument(
         "--int8",
         default=None,
         help="a `segformer quantize` folder of the Cityscapes B0 weights (HF files + openvino_int8.xml): adds OpenVINO int8 to job 1",
@@ -220,6 +226,7 @@ def main() -> int:
                 with_peers=True,
                 rounds=rounds,
                 burst=args.burst,
+                isolate=not args.in_process,
                 image=STREET,
                 name="B0 512×512 (Cityscapes weights, street photo)",
             )
@@ -238,6 +245,7 @@ def main() -> int:
                 ],
                 rounds=rounds,
                 burst=args.burst,
+                isolate=not args.in_process,
                 name="640×480 JPEG → full-resolution labels (B0 Cityscapes)",
             )
         )
@@ -271,6 +279,7 @@ def main() -> int:
                     ],
                     rounds=rounds,
                     burst=args.burst,
+                    isolate=not args.in_process,
                     image=STREET,
                     name="B2 512×512 (random weights, 150 classes)",
                 )
@@ -290,6 +299,7 @@ def main() -> int:
                     ],
                     rounds=max(3, rounds // 2),
                     image=STREET,
+                    isolate=not args.in_process,
                     name="B0 1024×2048 (Cityscapes weights, street photo)",
                 )
             )

@@ -152,6 +152,53 @@ def test_model_job_with_the_routes_a_user_has_without_us(tiny_folder):
     assert "vs peer" in bench.format_table({"jobs": [job]})
 
 
+def test_isolated_model_job_runs_each_contestant_in_its_own_process(tiny_folder):
+    """The same rows and the same accuracy as in one process (transformers and the peers are
+    built from the weights in each process), every contestant in a different process."""
+    pytest.importorskip("openvino")
+    model = segformer.load(tiny_folder)
+    job = bench.run_model_job(
+        model,
+        (64, 64),
+        engines=[("fast", "fp32"), ("openvino", "fp32")],
+        with_peers=True,
+        rounds=2,
+        burst=2,
+        isolate=True,
+    )
+    assert job["isolated"] is True
+    rows = {row["engine"]: row for row in job["results"]}
+    assert next(iter(rows)) == "transformers"
+    assert list(rows)[-2:] == ["fast fp32", "openvino fp32"]
+    for name in ["transformers", "transformers openvino fp32", "fast fp32", "openvino fp32"]:
+        assert rows[name]["relative_error"] <= 1e-5
+        assert rows[name]["label_agreement"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert row["samples"] == 2 and row["median_ms"] > 0 and row["first_call_s"] > 0
+    assert rows["transformers"]["ratio"] == pytest.approx(1.0)
+
+
+def test_an_isolated_contestant_that_fails_is_one_error_with_its_reason(tiny_folder):
+    spec = {"job": "model", "model": str(tiny_folder), "backend": "nonsense"}
+    spec.update(precision="fp32")
+    with pytest.raises(segformer.SegformerError, match=r"benchmark subprocess failed.*nonsense"):
+        bench.IsolatedCandidate(spec, torch.zeros(1, 3, 64, 64))
+
+
+def test_isolated_photo_job_gives_the_same_labels(tiny_folder, tmp_path):
+    from PIL import Image
+
+    model = segformer.load(tiny_folder)
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((48, 64, 3)) * 255).astype(np.uint8)).save(
+        photo
+    )
+    job = bench.run_photo_job(model, photo, engines=[("fast", "fp32")], rounds=1, isolate=True)
+    assert job["isolated"] is True
+    assert [row["engine"] for row in job["results"]] == ["transformers", "fast fp32"]
+    assert all(row["label_agreement"] == pytest.approx(1.0) for row in job["results"])
+
+
 def test_default_engines_follow_the_machine_and_the_model_folder(tiny_folder, tmp_path):
     openvino = pytest.importorskip("segformer.inference.backends.openvino")
     model = segformer.load(tiny_folder)

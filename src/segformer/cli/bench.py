@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="time our engines and transformers side by side: table, JSON and chart",
         description=(
             "Time a model's forward pass through each engine, and transformers' model on the "
-            "same weights and input, interleaved in one process (medians, ratios, images/s, "
+            "same weights and input, interleaved, each in a process of its own (medians, ratios, images/s, "
             "accuracy against the reference). Optionally a photo → labels job, peak memory "
             "per job in fresh processes, and the compiled backend's first-call time with an "
             "empty and a warm cache. Prints a table; writes JSON (read by `segformer serve`'s "
@@ -78,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="PyTorch (and onnxruntime) threads"
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="time every engine in this one process instead of each in its own (runtimes sharing a process slow each other down)",
     )
     parser.add_argument(
         "--image", default=None, help="a real photo to feed the model (label agreement needs one)"
@@ -139,6 +144,7 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         image=args.image,
         burst=args.burst,
+        isolate=not args.in_process,
     )
     results["jobs"].append(job)
     if args.photo:
@@ -151,6 +157,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 with_transformers=with_transformers,
                 rounds=args.rounds,
                 burst=args.burst,
+                isolate=not args.in_process,
             )
         )
     if args.rss:

@@ -1,5 +1,5 @@
 """Benchmarks: our engines and, when it is installed, transformers itself, side by side on the
-same weights, inputs, threads and allocator, in the same process.
+same weights, inputs, threads and allocator.
 
 How the numbers are taken (this library is meant to be run on small, shared machines):
 
@@ -7,6 +7,10 @@ How the numbers are taken (this library is meant to be run on small, shared mach
   rotates from round to round, and each candidate's median over the rounds is reported. Load
   from other processes then hits all candidates alike, so ratios stay meaningful even when
   absolute times wander.
+- With ``isolate`` (what ``segformer bench`` and ``benchmarks/bench_inference.py`` do on a
+  CPU) each candidate lives in a process of its own and only one runs at a time
+  (``IsolatedCandidate``): runtimes that share a process slow each other down, and a user
+  runs one of them per process. Without it, all run in this process.
 - Accuracy is reported next to speed: the relative L2 error of each engine's logits against
   the reference (transformers when installed, else our model as written), and the share of
   pixels whose label agrees with the exact path (``fast`` in fp32).
@@ -33,9 +37,12 @@ import gc
 import io
 import json
 import logging
+import multiprocessing.connection
 import os
 import platform
 import resource
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +75,10 @@ log = logging.getLogger("segformer")
 
 SCHEMA = "segformer-bench/1"
 TRANSFORMERS = "transformers"
+# Seconds between two isolated contestants' bursts: the threads of the one that just ran
+# (OpenMP, TBB, onnxruntime's pool) spin for a while before they sleep, on the cores the next
+# one needs.
+SETTLE_S = 0.05
 TRANSFORMERS_COMPILED = "transformers compiled"
 TRANSFORMERS_OPENVINO = "transformers openvino"
 TRANSFORMERS_ONNXRUNTIME = "transformers onnxruntime"
@@ -109,19 +120,43 @@ def time_interleaved(
     With ``burst`` > 1 each candidate runs ``burst`` times in a row per round and only the
     last call is timed: steady-state latency with warm caches, as a server calling the same
     model again sees it, still interleaved with the others."""
-    names = list(candidates)
+    return time_rounds(
+        {name: _burst_timer(call) for name, call in candidates.items()}, rounds, warmup, burst
+    )
+
+
+def _burst_timer(call: Callable[[], Any]) -> Callable[[int], float]:
+    def timed(burst: int) -> float:
+        for _ in range(burst - 1):
+            call()
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    return timed
+
+
+def time_rounds(
+    timers: dict[str, Callable[[int], float]],
+    rounds: int,
+    warmup: int = 1,
+    burst: int = 1,
+    settle: float = 0.0,
+) -> dict[str, list[float]]:
+    """``time_interleaved`` for candidates that time themselves: ``timer(burst)`` runs
+    ``burst`` calls and returns the seconds of the last (an isolated candidate does that in
+    its own process, so the pipe to it is not timed). ``settle``: seconds to wait before
+    each candidate's burst, for the worker threads of the one before to go to sleep."""
+    names = list(timers)
     for _ in range(warmup):
         for name in names:
-            candidates[name]()
+            timers[name](1)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            for _ in range(burst - 1):
-                candidates[name]()
-            start = time.perf_counter()
-            candidates[name]()
-            samples[name].append(time.perf_counter() - start)
+            time.sleep(settle)
+            samples[name].append(timers[name](burst))
     return samples
 
 
@@ -401,24 +436,166 @@ class _TransformersOnnxRuntime:
         return torch.from_numpy(self.session.run(None, {"pixel_values": x})[0])
 
 
-def peer_engines(
-    model: torch.nn.Module, pixels: torch.Tensor
-) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The routes to transformers' model a user has without this library, by label, with
-    the seconds each took to prepare (convert, export, compile) in ``prepare_s``."""
-    peers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+def peer_routes() -> list[tuple[str, str]]:
+    """(route, precision) of the routes to transformers' model a user has without this
+    library and that can run here: its graph on OpenVINO (fp32, and bf16 where the CPU has
+    it) and its own ONNX export on onnxruntime."""
+    routes = []
     if openvino_backend.available():
-        converted = _TransformersOpenVino.convert(model, pixels)
-        precisions = ["fp32", "bf16"] if openvino_backend.cpu_has_bf16() else ["fp32"]
-        for precision in precisions:
-            peers[engine_name(TRANSFORMERS_OPENVINO, precision)] = _TransformersOpenVino(
-                converted, precision
+        routes.append((TRANSFORMERS_OPENVINO, "fp32"))
+        if openvino_backend.cpu_has_bf16():
+            routes.append((TRANSFORMERS_OPENVINO, "bf16"))
+    routes.append((TRANSFORMERS_ONNXRUNTIME, "fp32"))
+    return routes
+
+
+def model_candidate(
+    model: SegformerForSemanticSegmentation,
+    backend: str,
+    precision: str,
+    pixels: torch.Tensor,
+    device: str = "cpu",
+    reference: torch.nn.Module | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One contestant of a model job, pixel values → logits: a transformers route
+    (``backend`` one of ``TRANSFORMERS…``; on ``reference``, transformers' model, when
+    given) or one of our engines. ``pixels`` fixes the static shape the peers compile for."""
+    if not backend.startswith(TRANSFORMERS):
+        return create_engine(model, backend=backend, precision=precision, device=device)
+    if reference is None:
+        reference = transformers_model(model, device)
+    if backend == TRANSFORMERS:
+        return _TransformersLogits(reference)
+    if backend == TRANSFORMERS_COMPILED:
+        return _TransformersCompiled(reference)
+    if backend == TRANSFORMERS_OPENVINO:
+        return _TransformersOpenVino(_TransformersOpenVino.convert(reference, pixels), precision)
+    if backend == TRANSFORMERS_ONNXRUNTIME:
+        # The session holds the model in memory once created: the file can go.
+        with tempfile.TemporaryDirectory(prefix="segformer-bench-onnx-") as folder:
+            return _TransformersOnnxRuntime(reference, pixels, folder)
+    raise SegformerError(f"unknown transformers route {backend!r}")
+
+
+def photo_candidate(
+    model: SegformerForSemanticSegmentation, backend: str, precision: str, device: str = "cpu"
+) -> Callable[[str | os.PathLike[str]], torch.Tensor]:
+    """One contestant of a photo job, image file → full-resolution labels: transformers'
+    pipeline (``backend`` TRANSFORMERS) or ours on one of our engines."""
+    if backend == TRANSFORMERS:
+        return transformers_photo_pipeline(model, device)
+    return photo_pipeline(model, backend, precision, device)
+
+
+class IsolatedCandidate:
+    """A contestant built, run and timed in a process of its own (``python -m
+    segformer.tools.bench``), driven over a socket pair.
+
+    Why: a user runs one runtime per process, and in a shared process one runtime's worker
+    threads can still be busy when the next one starts (onnxruntime's pool spins after each
+    run by default, PyTorch's OpenMP team and OpenVINO's executors briefly too). In a
+    process of its own, with ``SETTLE_S`` between contestants, each starts on idle cores.
+    Measured side by side on B0 512² (``segformer bench`` with and without ``--in-process``,
+    alternated twice), our OpenVINO fp32 took 52.9 and 54.7 ms in one process, 53.0 and
+    51.4 ms isolated: within this machine's noise, so isolation buys fidelity, not a
+    different answer."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        pixels: torch.Tensor | None = None,
+        timeout: float = 1800,
+    ) -> None:
+        self.timeout = timeout
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
+        ours, theirs = socket.socketpair()
+        with theirs:
+            request = {**spec, "task": "serve", "fd": theirs.fileno()}
+            request.setdefault("threads", torch.get_num_threads())
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "segformer.tools.bench", json.dumps(request)],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                env=_subprocess_environment(),
             )
-    with tempfile.TemporaryDirectory(prefix="segformer-bench-onnx-") as folder:
-        peers[engine_name(TRANSFORMERS_ONNXRUNTIME, "fp32")] = _TransformersOnnxRuntime(
-            model, pixels, folder
-        )
-    return peers
+        self.connection = multiprocessing.connection.Connection(ours.detach())
+        try:
+            if pixels is not None:
+                self.connection.send(pixels.detach().cpu().numpy())
+            self.first_call_s = float(self._receive()["first_call_s"])
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self) -> Any:
+        deadline = time.monotonic() + self.timeout
+        while not self.connection.poll(0.5):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise self._failure()
+        try:
+            return self.connection.recv()
+        except (EOFError, OSError):
+            raise self._failure() from None
+
+    def _failure(self) -> SegformerError:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        code = self.process.wait()
+        self._stderr.seek(0)
+        tail = " ".join(self._stderr.read().decode(errors="replace").strip().splitlines()[-3:])
+        return SegformerError(f"benchmark subprocess failed ({code}): {tail[:500]}")
+
+    def result(self) -> torch.Tensor:
+        """The contestant's output on its input (logits, or labels for a photo job)."""
+        self.connection.send("result")
+        return torch.from_numpy(self._receive())
+
+    def time_burst(self, burst: int) -> float:
+        """Seconds of the last of ``burst`` calls in a row, timed in the contestant's process."""
+        self.connection.send(int(burst))
+        return float(self._receive())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.send(None)
+        self.connection.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> IsolatedCandidate:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _serve_candidate(spec: dict[str, Any], connection: Any) -> None:
+    """The body of an ``IsolatedCandidate``'s process: build the contestant, run it once, then
+    answer "result" (its output) and bursts (the seconds of the last call) until told to
+    stop."""
+    torch.set_num_threads(int(spec["threads"]))
+    model = load(spec["model"])
+    backend, precision, device = spec["backend"], spec["precision"], spec.get("device", "cpu")
+    started = time.perf_counter()
+    if spec["job"] == "photo":
+        run = photo_candidate(model, backend, precision, device)
+        image = spec["image"]
+        call: Callable[[], torch.Tensor] = lambda: run(image)  # noqa: E731
+    else:
+        pixels = torch.from_numpy(connection.recv()).to(device)
+        engine = model_candidate(model, backend, precision, pixels, device)
+        call = lambda: engine(pixels)  # noqa: E731
+    call()
+    connection.send({"first_call_s": time.perf_counter() - started})
+    timer = _burst_timer(call)
+    while (request := connection.recv()) is not None:
+        connection.send(call().cpu().numpy() if request == "result" else timer(request))
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,70 +649,42 @@ def run_model_job(
     name: str | None = None,
     device: str = "cpu",
     burst: int = 1,
+    isolate: bool = False,
 ) -> dict[str, Any]:
     """Time the model's forward pass (pixel values → logits) through each of ``engines``
     (and transformers, with ``with_transformers_compiled`` transformers compiled under bf16
-    autocast too, and with ``with_peers`` transformers on OpenVINO and onnxruntime: see
-    ``peer_engines``), interleaved in this process; see the module docstring."""
+    autocast too, and with ``with_peers`` the routes of ``peer_routes``), interleaved; with
+    ``isolate`` (CPU only) each in a process of its own (``IsolatedCandidate``), else all in
+    this one. See the module docstring."""
     pixels = sample_pixels(model, size, batch, image).to(device)
-    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    info: dict[str, dict[str, Any]] = {}
+    routes: list[tuple[str, str]] = []
     if with_transformers and transformers_available():
-        reference_model = transformers_model(model, device)
-        candidates[TRANSFORMERS] = _TransformersLogits(reference_model)
-        info[TRANSFORMERS] = {"backend": TRANSFORMERS, "precision": "fp32"}
+        routes.append((TRANSFORMERS, "fp32"))
         if with_transformers_compiled:
-            label = engine_name(TRANSFORMERS_COMPILED, "bf16")
-            started = time.perf_counter()
-            # Compiling leaves the module as it is, so both entries can share one model.
-            candidates[label] = _TransformersCompiled(reference_model)
-            candidates[label](pixels)  # compiles
-            info[label] = {
-                "backend": TRANSFORMERS_COMPILED,
-                "precision": "bf16",
-                "first_call_s": time.perf_counter() - started,
-            }
+            routes.append((TRANSFORMERS_COMPILED, "bf16"))
         if with_peers and device == "cpu":
-            started = time.perf_counter()
-            peers = peer_engines(reference_model, pixels)
-            for label, peer in peers.items():
-                candidates[label] = peer
-                info[label] = {
-                    "backend": peer.backend,  # type: ignore[attr-defined]
-                    "precision": peer.precision,  # type: ignore[attr-defined]
-                    "prepare_all_peers_s": time.perf_counter() - started,
-                }
-    for backend, precision in engines:
-        label = engine_name(backend, precision)
-        started = time.perf_counter()
-        engine = create_engine(model, backend=backend, precision=precision, device=device)
-        engine(pixels)  # compiles, exports or warms up
-        info[label] = {
-            "backend": backend,
-            "precision": precision,
-            "first_call_s": time.perf_counter() - started,
-        }
-        candidates[label] = engine
+            routes += peer_routes()
+    routes += list(engines)
+    with _Contestants(model, "model", device, isolate and device == "cpu") as contestants:
+        for backend, precision in routes:
+            label = TRANSFORMERS if backend == TRANSFORMERS else engine_name(backend, precision)
+            contestants.add(label, backend, precision, pixels=pixels)
 
-    # Accuracy: against transformers (or the model as written), and labels against fast fp32.
-    with torch.inference_mode():
-        reference = (
-            candidates[TRANSFORMERS](pixels) if TRANSFORMERS in candidates else model(pixels)
-        )
-        exact_logits = create_engine(model, "fast", "fp32", device)(pixels)
-    exact_labels = exact_logits.argmax(dim=1)
-    for label, engine in candidates.items():
-        logits = engine(pixels).float()
-        info[label]["relative_error"] = float((logits - reference).norm() / reference.norm())
-        info[label]["label_agreement"] = _agreement(logits.argmax(dim=1), exact_labels)
-
-    samples = time_interleaved(
-        {label: (lambda e=engine: e(pixels)) for label, engine in candidates.items()},
-        rounds,
-        warmup,
-        burst,
-    )
-    results = _rows(candidates, info, samples, batch)
+        # Accuracy: against transformers (or the model as written), labels against fast fp32.
+        with torch.inference_mode():
+            reference = (
+                contestants.result(TRANSFORMERS).float()
+                if TRANSFORMERS in contestants.info
+                else model(pixels)
+            )
+            exact_logits = create_engine(model, "fast", "fp32", device)(pixels)
+        exact_labels = exact_logits.argmax(dim=1)
+        for label, info in contestants.info.items():
+            logits = contestants.result(label).float().to(reference.device)
+            info["relative_error"] = float((logits - reference).norm() / reference.norm())
+            info["label_agreement"] = _agreement(logits.argmax(dim=1), exact_labels)
+        samples = time_rounds(contestants.timers, rounds, warmup, burst, contestants.settle)
+    results = _rows(contestants.info, samples, batch)
     macs = _model_macs(model, size, batch)
     return {
         "name": name or f"{model.config.variant or 'custom'} {size[0]}×{size[1]}",
@@ -546,14 +695,85 @@ def run_model_job(
         "batch": batch,
         "params_m": parameter_count(model) / 1e6,
         **macs,
-        "reference": TRANSFORMERS if TRANSFORMERS in candidates else "eager fp32",
+        "reference": TRANSFORMERS if TRANSFORMERS in contestants.info else "eager fp32",
         "best_peer": _best_peer(results),
+        "isolated": contestants.isolated,
         "results": results,
     }
 
 
+class _Contestants(contextlib.ExitStack):
+    """A job's contestants by label, built in this process or each in its own
+    (``IsolatedCandidate``): their ``info`` rows, ``result(label)`` and ``timers`` for
+    ``time_rounds``. Leaving the context stops the processes."""
+
+    def __init__(
+        self, model: SegformerForSemanticSegmentation, job: str, device: str, isolated: bool
+    ) -> None:
+        super().__init__()
+        self.model, self.job, self.device, self.isolated = model, job, device, isolated
+        # Between contestants in different processes, a pause lets the last one's threads
+        # stop spinning; in one process they share a pool or spin on regardless.
+        self.settle = SETTLE_S if isolated else 0.0
+        self.info: dict[str, dict[str, Any]] = {}
+        self.timers: dict[str, Callable[[int], float]] = {}
+        self._results: dict[str, Callable[[], torch.Tensor]] = {}
+        self._folder: str | None = None
+        self._reference: torch.nn.Module | None = None
+
+    def add(
+        self,
+        label: str,
+        backend: str,
+        precision: str,
+        *,
+        pixels: torch.Tensor | None = None,
+        image: str | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        if self.isolated:
+            if self._folder is None:  # the model, saved once for every contestant's process
+                self._folder = self.enter_context(
+                    tempfile.TemporaryDirectory(prefix="segformer-bench-")
+                )
+                save(self.model, self._folder)
+                int8 = (
+                    openvino_backend.int8_ir_of(self.model)
+                    if openvino_backend.available()
+                    else None
+                )
+                for part in (int8, int8.with_suffix(".bin")) if int8 else ():
+                    shutil.copyfile(part, Path(self._folder) / part.name)  # its int8 model too
+            spec = {"job": self.job, "model": self._folder, "backend": backend}
+            spec.update(precision=precision, device=self.device, image=image)
+            contestant = self.enter_context(IsolatedCandidate(spec, pixels))
+            first_call_s, result = contestant.first_call_s, contestant.result
+            self.timers[label] = contestant.time_burst
+        else:
+            if self.job == "photo":
+                run = photo_candidate(self.model, backend, precision, self.device)
+                result = lambda: run(image)  # noqa: E731
+            else:
+                if backend.startswith(TRANSFORMERS) and self._reference is None:
+                    # One transformers model for every transformers route (compiling and
+                    # converting leave it as it is).
+                    self._reference = transformers_model(self.model, self.device)
+                engine = model_candidate(
+                    self.model, backend, precision, pixels, self.device, self._reference
+                )
+                result = lambda: engine(pixels)  # noqa: E731
+            result()  # compiles, exports or warms up
+            first_call_s = time.perf_counter() - started
+            self.timers[label] = _burst_timer(result)
+        self._results[label] = result
+        self.info[label] = {"backend": backend, "precision": precision}
+        self.info[label]["first_call_s"] = first_call_s
+
+    def result(self, label: str) -> torch.Tensor:
+        return self._results[label]()
+
+
 def _rows(
-    candidates: dict[str, Any],
     info: dict[str, dict[str, Any]],
     samples: dict[str, list[float]],
     batch: int = 1,
@@ -564,7 +784,7 @@ def _rows(
     peers = [statistics.median(v) for k, v in samples.items() if k.startswith(TRANSFORMERS)]
     best_peer = min(peers) if peers else None
     rows = []
-    for label in candidates:
+    for label in info:
         row = {"engine": label, **info[label], **summarize(samples[label], batch)}
         row["ratio"] = row["median_ms"] / (base * 1e3) if base else None
         row["peer_ratio"] = row["median_ms"] / (best_peer * 1e3) if best_peer else None
@@ -647,50 +867,40 @@ def run_photo_job(
     name: str | None = None,
     device: str = "cpu",
     burst: int = 1,
+    isolate: bool = False,
 ) -> dict[str, Any]:
     """Time a photo file to full-resolution labels (decode → preprocess → model → labels) with
     our pipeline per engine (``auto``: our default, labelled by the backend it picks) and with
-    transformers', interleaved. Reports whether each label map is identical to the exact
+    transformers', interleaved; with ``isolate`` (CPU only) each in a process of its own.
+    Reports whether each label map is identical to the exact
     reference (upsample-then-argmax of the exact logits)."""
 
     image = str(image)
-    candidates: dict[str, Callable[[], torch.Tensor]] = {}
-    info: dict[str, dict[str, Any]] = {}
-    if with_transformers and transformers_available():
-        reference_run = transformers_photo_pipeline(model, device)
-        candidates[TRANSFORMERS] = lambda: reference_run(image)
-        info[TRANSFORMERS] = {"backend": TRANSFORMERS, "precision": "fp32"}
+    routes = [(TRANSFORMERS, "fp32")] if with_transformers and transformers_available() else []
     for backend, precision in engines:
         if backend == "auto":
             backend = default_backend(precision, resolve_device(device))
-        label = engine_name(backend, precision)
-        if label in candidates:
-            continue  # auto picked an engine also listed
-        started = time.perf_counter()
-        run = photo_pipeline(model, backend, precision, device)
-        run(image)
-        info[label] = {
-            "backend": backend,
-            "precision": precision,
-            "first_call_s": time.perf_counter() - started,
-        }
-        candidates[label] = lambda run=run: run(image)
+        routes.append((backend, precision))
+    with _Contestants(model, "photo", device, isolate and device == "cpu") as contestants:
+        for backend, precision in routes:
+            label = TRANSFORMERS if backend == TRANSFORMERS else engine_name(backend, precision)
+            if label not in contestants.info:  # auto may pick an engine also listed
+                contestants.add(label, backend, precision, image=image)
 
-    # The exact reference labels: exact logits, upsampled in full, argmax.
-    picture = read_image(image)
-    pixels = ImageProcessor.from_model(model)(picture)["pixel_values"].to(device)
-    exact_logits = create_engine(model, "fast", "fp32", device)(pixels)
-    exact = torch.nn.functional.interpolate(
-        exact_logits, size=(picture.height, picture.width), mode="bilinear", align_corners=False
-    ).argmax(dim=1)[0]
-    exact_fast_labels = labels_from_logits(exact_logits, (picture.height, picture.width))[0]
-    for label, run in candidates.items():
-        labels = run()
-        info[label]["label_agreement"] = _agreement(labels.to(exact.device), exact)
-    info_exact_identical = bool(torch.equal(exact_fast_labels, exact))
-
-    samples = time_interleaved(candidates, rounds, warmup, burst)
-    results = _rows(candidates, info, samples)
+        # The exact reference labels: exact logits, upsampled in full, argmax.
+        picture = read_image(image)
+        pixels = ImageProcessor.from_model(model)(picture)["pixel_values"].to(device)
+        exact_logits = create_engine(model, "fast", "fp32", device)(pixels)
+        exact = torch.nn.functional.interpolate(
+            exact_logits, size=(picture.height, picture.width), mode="bilinear", align_corners=False
+        ).argmax(dim=1)[0]
+        exact_fast_labels = labels_from_logits(exact_logits, (picture.height, picture.width))[0]
+        for label, info in contestants.info.items():
+            labels = contestants.result(label)
+            info["label_agreement"] = _agreement(labels.to(exact.device), exact)
+        info_exact_identical = bool(torch.equal(exact_fast_labels, exact))
+        samples = time_rounds(contestants.timers, rounds, warmup, burst, contestants.settle)
+    results = _rows(contestants.info, samples)
     return {
         "name": name or f"photo {picture.width}×{picture.height} → labels",
         "kind": "photo",
@@ -699,8 +909,9 @@ def run_photo_job(
         "image": image,
         "image_size": [picture.height, picture.width],
         "labels_identical_to_upsample_argmax": info_exact_identical,
-        "reference": TRANSFORMERS if TRANSFORMERS in candidates else None,
+        "reference": TRANSFORMERS if TRANSFORMERS in contestants.info else None,
         "best_peer": _best_peer(results),
+        "isolated": contestants.isolated,
         "results": results,
     }
 
@@ -738,13 +949,19 @@ def run_labels_job(
 # ---------------------------------------------------------------------------------------
 # Peak memory and compile time, each in a fresh process
 # ---------------------------------------------------------------------------------------
+def _subprocess_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment (its allocator included) and thread count, plus ``env``."""
+    environment = {**os.environ, **(env or {})}
+    environment.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    return environment
+
+
 def _job_process(
     spec: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 1800
 ) -> dict[str, Any]:
     """Run ``spec`` through ``python -m segformer.tools.bench`` in a new process (same interpreter,
     allocator and thread count) and return the JSON it prints."""
-    environment = {**os.environ, **(env or {})}
-    environment.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    environment = _subprocess_environment(env)
     completed = subprocess.run(
         [sys.executable, "-m", "segformer.tools.bench", json.dumps(spec)],
         capture_output=True,
@@ -1027,21 +1244,28 @@ def labels_agreement_on_images(
 
 
 if __name__ == "__main__":  # a benchmark subprocess: one JSON spec in, one JSON line out
-    print(json.dumps(_run_spec(json.loads(sys.argv[1]))), flush=True)
+    _spec = json.loads(sys.argv[1])
+    if _spec["task"] == "serve":  # an IsolatedCandidate: requests over the inherited socket
+        _serve_candidate(_spec, multiprocessing.connection.Connection(_spec["fd"]))
+    else:
+        print(json.dumps(_run_spec(_spec)), flush=True)
     sys.exit(0)
 
 
 __all__ = [
     "DEFAULT_ENGINES",
+    "IsolatedCandidate",
     "default_engines",
     "executed_macs",
     "format_table",
     "machine_info",
     "measure_compile_cache",
     "measure_peak_rss",
+    "model_candidate",
     "new_results",
     "peak_matmul_rate",
-    "peer_engines",
+    "peer_routes",
+    "photo_candidate",
     "run_labels_job",
     "run_model_job",
     "run_photo_job",
@@ -1049,5 +1273,6 @@ __all__ = [
     "save_results",
     "summarize",
     "time_interleaved",
+    "time_rounds",
     "variant_table",
 ]
