@@ -224,6 +224,13 @@ def test_values_of_the_wrong_type_are_refused(name, given, message):
         ({"class_weights": [1.0, -1.0]}, "class_weights must be numbers ≥ 0, not all 0"),
         ({"class_weights": [0.0, 0.0]}, "class_weights must be numbers ≥ 0, not all 0"),
         ({"class_weights": "inverse"}, "class_weights must be a list or one of"),
+        ({"sampling": "balanced"}, "sampling must be one of uniform, class-balanced"),
+        ({"sampling_temperature": 0.0}, "sampling_temperature must be a positive number"),
+        ({"sampling_temperature": math.nan}, "sampling_temperature must be a positive number"),
+        (
+            {"sampling": "class-balanced", "preflight": False},
+            "sampling: class-balanced needs the pre-flight scan",
+        ),
         ({"max_steps": 0}, "steps and sizes must be > 0"),
         ({"batch_size": -2}, "steps and sizes must be > 0"),
         ({"crop_size": [512, 0]}, "crop_size must be two positive integers"),

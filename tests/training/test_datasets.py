@@ -4,6 +4,7 @@ conventions, the pre-flight scan's errors, and the loaders' order, sharding and 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from segformer.training.datasets import (
     CITYSCAPES_TRAIN_IDS,
     FORMATS,
     AugmentedDataset,
+    ClassBalancedSampler,
     EpochSampler,
     eval_loader,
     open_dataset,
@@ -339,6 +341,67 @@ def test_scan_counts_pixels_and_derives_class_weights(tmp_path):
     )
     share = np.array([5, 2, 8]) / 15
     assert report.class_weights("enet") == pytest.approx((1 / np.log(1.02 + share)).tolist())
+
+
+def test_class_balanced_weights_by_hand(tmp_path):
+    """Rare-class sampling: a class is drawn with probability ∝ exp((1 − share) / T), then one
+    of the images holding it; the weights are those chances, computed here by hand."""
+    road = np.zeros((4, 5), np.uint8)  # 20 pixels of class 0
+    with_rider = road.copy()
+    with_rider[0, :2] = 1  # 2 pixels of class 1
+    with_sign = road.copy()
+    with_sign[3, 4] = 2  # 1 pixel of class 2
+    for name, label in {"a": road, "b": with_rider, "c": with_sign}.items():
+        save_png(np.zeros((4, 5, 3), np.uint8), tmp_path / "images" / f"{name}.png")
+        save_png(label, tmp_path / "masks" / f"{name}.png")
+    report = scan(open_dataset(tmp_path, "folder", None), 3)
+    assert report.class_pixels.tolist() == [57, 2, 1]
+    temperature = 0.1
+    chance = [math.exp((1 - pixels / 60) / temperature) for pixels in (57, 2, 1)]
+    chance = [c / sum(chance) for c in chance]
+    # Class 0 is in all three images, class 1 only in b, class 2 only in c.
+    expected = [chance[0] / 3, chance[0] / 3 + chance[1], chance[0] / 3 + chance[2]]
+    weights = report.class_balanced_weights(temperature)
+    assert weights.tolist() == pytest.approx(expected)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[2] > weights[1] > weights[0]  # the rarer the class, the more its image
+
+
+def test_class_balanced_sampler_draws_by_weight_resumes_and_shards():
+    weights = np.array([0.1, 0.2, 0.7])
+    sampler = ClassBalancedSampler(weights, seed=5)
+    drawn = []
+    for epoch in range(2000):
+        sampler.set_epoch(epoch)
+        drawn += [index for index, _, _ in sampler]
+    frequency = np.bincount(drawn, minlength=3) / len(drawn)
+    assert frequency == pytest.approx(weights, abs=0.015)  # 6000 draws
+    sampler.set_epoch(7)
+    whole = list(sampler)
+    assert [key[1] for key in whole] == [7, 7, 7] and [key[2] for key in whole] == [0, 1, 2]
+    sampler.set_epoch(7, skip=2)
+    assert list(sampler) == whole[2:] and len(sampler) == 1  # a resume picks up mid-epoch
+    shards = []
+    for rank in range(2):
+        shard = ClassBalancedSampler(weights, seed=5, rank=rank, world_size=2)
+        shard.set_epoch(7)
+        shards.append(list(shard))
+    # Two processes split one epoch's draws (3 images, padded to 4): rank r takes r, r + 2.
+    assert [[key[2] for key in shard] for shard in shards] == [[0, 2], [1, 3]]
+
+
+def test_an_image_drawn_twice_is_augmented_twice(tmp_path):
+    write_folder(tmp_path, make_samples(2), None)
+    dataset = AugmentedDataset(open_dataset(tmp_path, "folder", None), _crop_transform, seed=0)
+    loader, _ = train_loader(
+        dataset, batch_size=2, num_workers=0, seed=0, weights=np.array([1.0, 0.0])
+    )
+    batch = next(iter(loader))["pixel_values"]
+    image, _ = dataset.dataset.load(0)  # both draws are image 0, each with its own crop
+    for draw in range(2):
+        top = int(np.random.default_rng([0, 0, 0, draw]).integers(0, 8))
+        assert torch.equal(batch[draw], torch.from_numpy(image[top : top + 16, :16].copy()))
+    assert not torch.equal(batch[0], batch[1])
 
 
 # ---------------------------------------------------------------------------------------

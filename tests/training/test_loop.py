@@ -537,7 +537,9 @@ def test_train_command_reports_bad_settings_in_one_line(tmp_path, capsys):
     assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
-def test_accumulation_clipping_bf16_and_class_weights_run(dataset_root, start_model, tmp_path):
+def test_accumulation_clipping_bf16_class_weights_and_balanced_sampling_run(
+    dataset_root, start_model, tmp_path
+):
     config = tiny_run(
         dataset_root,
         start_model,
@@ -547,6 +549,7 @@ def test_accumulation_clipping_bf16_and_class_weights_run(dataset_root, start_mo
         clip_grad_norm=0.5,
         precision="bf16",
         class_weights="median-frequency",
+        sampling="class-balanced",
         eval_interval=0,
         checkpoint_interval=2,
     )

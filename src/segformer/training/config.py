@@ -27,6 +27,7 @@ DATASET_FORMATS = (
 )  # fmt: skip
 PRECISIONS = ("fp32", "bf16", "fp16")
 CLASS_WEIGHTING = ("median-frequency", "enet")
+SAMPLING = ("uniform", "class-balanced")
 
 
 @dataclass
@@ -75,6 +76,8 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     ema_decay: float | None = None
     class_weights: list[float] | str | None = None
+    sampling: str = "uniform"
+    sampling_temperature: float = 0.01
     precision: str = "fp32"
     device: str = "auto"
     # validation
@@ -179,6 +182,15 @@ class TrainConfig:
                 all(0 <= w < math.inf for w in self.class_weights) and any(self.class_weights),
                 "class_weights must be numbers ≥ 0, not all 0",
             )
+        _need(self.sampling in SAMPLING, f"sampling must be one of {', '.join(SAMPLING)}")
+        _need(
+            0 < self.sampling_temperature < math.inf,
+            "sampling_temperature must be a positive number",
+        )
+        _need(
+            self.sampling == "uniform" or self.preflight,
+            "sampling: class-balanced needs the pre-flight scan of the masks (preflight: true)",
+        )
 
     def _check_run(self) -> None:
         _need(self.checkpoint_interval > 0 and self.log_interval > 0, "intervals must be > 0")
@@ -274,6 +286,10 @@ HELP: dict[str, str] = {
     "ema_decay": "keep an exponential moving average of the weights with this decay; validate, "
     "select and export the averaged weights (none: off)",
     "class_weights": "loss weight per class, or median-frequency / enet (computed from the training masks)",
+    "sampling": "uniform (each image once per epoch) or class-balanced (rare-class sampling: images "
+    "holding rare classes drawn more often, with replacement)",
+    "sampling_temperature": "class-balanced: a class is drawn with probability ∝ exp((1 − its pixel "
+    "share) / T); smaller T favours the rarest classes more",
     "precision": "fp32, bf16 (autocast; CPU or CUDA) or fp16 (CUDA, with loss scaling)",
     "device": "auto, cpu, cuda, cuda:N",
     "eval_interval": "validate every N steps (0: only at the end)",

@@ -55,6 +55,8 @@ class DataCheck:
     value_pixels: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
     value_images: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
     present_pixels: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
+    # The train ids each image holds, by dataset index (empty for an unreadable sample).
+    image_classes: list[np.ndarray] = field(default_factory=list)
     checked: int = 0
     problems: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -84,6 +86,7 @@ class DataCheck:
             self.value_pixels[:k].copy(),
             self.present_pixels[:k].copy(),
             self.ignored_pixels,
+            [classes[classes < k] for classes in self.image_classes],
         )
 
     def problem_lines(self) -> list[str]:
@@ -188,8 +191,10 @@ def check_dataset(
         for index, (kind, result) in enumerate(results):
             if kind is not None:
                 report.add(kind, result)
+                report.image_classes.append(np.zeros(0, np.int64))
                 continue
             counts = result
+            report.image_classes.append(np.nonzero(counts[:IGNORE_INDEX])[0])
             if num_labels is not None:
                 outside = np.nonzero(counts[num_labels:])[0] + num_labels
                 outside = outside[outside != dataset.ignore_index]

@@ -31,6 +31,7 @@ import dataclasses
 import fnmatch
 import io
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from segformer.errors import DataError, SegformerError
 from segformer.inference.visualize import (
@@ -681,6 +682,28 @@ class ScanReport:
     class_pixels: np.ndarray
     present_pixels: np.ndarray
     ignored_pixels: int
+    # The classes each image holds, by dataset index.
+    image_classes: list[np.ndarray] = field(default_factory=list)
+
+    def class_balanced_weights(self, temperature: float) -> np.ndarray:
+        """Per-image sampling probabilities of rare-class sampling (Hoyer et al., DAFormer,
+        2022): a class is drawn with probability ∝ exp((1 − f_c) / T), f_c its share of the
+        labelled pixels, then one of the images holding it, uniformly. An image's weight is
+        the chance that this draws it; an image with no labelled pixel is never drawn."""
+        counts = self.class_pixels.astype(np.float64)
+        share = counts / max(counts.sum(), 1.0)
+        holders = np.zeros(len(counts), np.int64)
+        for classes in self.image_classes:
+            holders[classes] += 1
+        present = (counts > 0) & (holders > 0)
+        if not present.any():
+            raise DataError("class-balanced sampling needs labelled pixels in the training masks")
+        logits = np.where(present, (1.0 - share) / temperature, -np.inf)
+        chance = np.exp(logits - logits[present].max())  # a softmax over the present classes
+        per_image_of_class = np.divide(
+            chance / chance.sum(), holders, out=np.zeros_like(chance), where=holders > 0
+        )
+        return np.array([per_image_of_class[c].sum() for c in self.image_classes])
 
     def class_weights(self, method: str) -> list[float]:
         """Loss weights against class imbalance. ``median-frequency`` (Eigen & Fergus; SegNet's
@@ -760,9 +783,11 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key
-        rng = np.random.default_rng([self.seed, epoch, index])
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        # (index, epoch), or (index, epoch, draw) from a sampler that may draw an image
+        # twice in an epoch: each draw then gets its own augmentation.
+        index, epoch, *draw = key
+        rng = np.random.default_rng([self.seed, epoch, index, *draw])
         image, label = self.dataset.load(index)
         if self.num_labels is not None:
             check_labels(self.dataset, index, label, self.num_labels)
@@ -795,6 +820,33 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+class ClassBalancedSampler(Sampler):
+    """Per epoch, as many draws as the dataset has images, with replacement, each image with
+    probability ``weights[i]`` (``ScanReport.class_balanced_weights``); this process's share
+    of them. Seeded by seed + epoch and resumable part-way like ``EpochSampler``; yields
+    ``(index, epoch, draw)`` keys so that an image drawn twice is augmented twice apart."""
+
+    def __init__(self, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.weights = torch.as_tensor(np.asarray(weights, np.float64))
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_samples = math.ceil(len(self.weights) / world_size)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = self.num_samples * self.world_size
+        drawn = torch.multinomial(self.weights, total, replacement=True, generator=generator)
+        mine = range(self.rank, total, self.world_size)
+        keys = [(int(drawn[draw]), self.epoch, draw) for draw in mine]
+        return iter(keys[self.skip :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def _seed_worker(worker_id: int) -> None:
     # Transforms here use only the per-sample generator; this makes any user transform that
     # reaches for the global RNGs deterministic too.
@@ -818,9 +870,15 @@ def train_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
-) -> tuple[DataLoader, EpochSampler]:
-    """Batches of augmented crops; incomplete last batches are dropped, as the recipe does."""
-    sampler = EpochSampler(dataset, seed, rank, world_size)
+    weights: np.ndarray | None = None,
+) -> tuple[DataLoader, EpochSampler | ClassBalancedSampler]:
+    """Batches of augmented crops; incomplete last batches are dropped, as the recipe does.
+    Each image once per epoch, or with ``weights`` drawn by ``ClassBalancedSampler``."""
+    sampler: EpochSampler | ClassBalancedSampler = (
+        EpochSampler(dataset, seed, rank, world_size)
+        if weights is None
+        else ClassBalancedSampler(weights, seed, rank, world_size)
+    )
     if sampler.num_samples < batch_size:
         raise DataError(
             f"{dataset.dataset.name}: {len(dataset)} images give {sampler.num_samples} per process, "

@@ -701,6 +701,12 @@ def prepare_data(
     augmented = AugmentedDataset(
         train_set, transform, config.seed, num_labels=None if config.preflight else len(labels)
     )
+    # Rare-class sampling needs the per-image classes of the scan (the config requires it).
+    weights = (
+        report.class_balanced_weights(config.sampling_temperature)
+        if config.sampling == "class-balanced" and report is not None
+        else None
+    )
     loader, sampler = train_loader(
         augmented,
         config.batch_size,
@@ -709,6 +715,7 @@ def prepare_data(
         process.rank,
         process.world_size,
         pin_memory=device.type == "cuda",
+        weights=weights,
     )
     val_loader = (
         eval_loader(val_set, config.num_workers, process.rank, process.world_size)
