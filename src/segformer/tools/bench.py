@@ -665,7 +665,7 @@ def run_model_job(
         if with_peers and device == "cpu":
             routes += peer_routes()
     routes += list(engines)
-    with _Contestants(model, "model", device, isolate and device == "cpu") as contestants:
+    with _Contestants(model, "model", device, _can_isolate(isolate, device)) as contestants:
         for backend, precision in routes:
             label = TRANSFORMERS if backend == TRANSFORMERS else engine_name(backend, precision)
             contestants.add(label, backend, precision, pixels=pixels)
@@ -700,6 +700,14 @@ def run_model_job(
         "isolated": contestants.isolated,
         "results": results,
     }
+
+
+def _can_isolate(isolate: bool, device: str) -> bool:
+    """Whether to isolate contestants: asked for, on the CPU (a GPU is one device whichever
+    process drives it), and on a POSIX system (a socket handed to a child process)."""
+    if isolate and device == "cpu" and os.name != "posix":
+        log.info("timing every engine in this process: isolation needs a POSIX system")
+    return isolate and device == "cpu" and os.name == "posix"
 
 
 class _Contestants(contextlib.ExitStack):
@@ -881,7 +889,7 @@ def run_photo_job(
         if backend == "auto":
             backend = default_backend(precision, resolve_device(device))
         routes.append((backend, precision))
-    with _Contestants(model, "photo", device, isolate and device == "cpu") as contestants:
+    with _Contestants(model, "photo", device, _can_isolate(isolate, device)) as contestants:
         for backend, precision in routes:
             label = TRANSFORMERS if backend == TRANSFORMERS else engine_name(backend, precision)
             if label not in contestants.info:  # auto may pick an engine also listed
