@@ -141,9 +141,15 @@ def test_truncated_image_is_422(client: TestClient) -> None:
 
 
 def test_refusals_name_the_uploaded_file(model_dir: Path, tmp_path: Path) -> None:
-    """A 1×1 image is a real image the model cannot take (the built-in model keeps an image's
-    size; the tiny one would resize it): the message names the upload."""
-    with client_for(model_dir, tmp_path, models=[]) as client:
+    """A 1×1 image is a real image a model that keeps each image's size cannot take: the
+    message names the upload."""
+    import segformer
+    from segformer.inference.processing import ImageProcessor
+
+    native = segformer.load(model_dir)
+    native.metadata.preprocessing = ImageProcessor(do_resize=False).to_dict()
+    segformer.save(native, tmp_path / "native-model")
+    with client_for(model_dir, tmp_path, models=[f"native={tmp_path / 'native-model'}"]) as client:
         detail = assert_one_line_error(segment(client, png_bytes(1, 1), "dot.png"), 422)
         assert detail.startswith("dot.png: 1×1 is too small") and "<" not in detail
         detail = assert_one_line_error(segment(client, b"GIF89a" + bytes(50), "anim.gif"), 415)
