@@ -286,8 +286,7 @@ them (e.g. `--model nvidia/segformer-b0-finetuned-ade-512-512`) or `segformer tr
   pedestrian, bicyclist; CamVid's void label is ignored. Standard CamVid colours.
 - Input: the whole image, resized so that its short side is {INPUT_SHORT_SIDE} pixels (CamVid's
   480×360 frames become {INPUT_SHORT_SIDE * 4 // 3}×{INPUT_SHORT_SIDE}), ImageNet mean/std. The size was chosen on the
-  unseen recording below: 39.66 / 42.13 / 42.51 / 42.52 mIoU with a short side of 360 (the
-  frames' own) / 448 / 480 / 540 pixels.
+  unseen recording below (see "The input size" in the notes).
 {status}{holdout_section(holdout)}
 ## Results on {val_title}
 

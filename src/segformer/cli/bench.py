@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="time every engine in this one process instead of each in its own (runtimes sharing a process slow each other down)",
+        help="time every engine in this one process instead of each in its own, as a user would run it",
     )
     parser.add_argument(
         "--image", default=None, help="a real photo to feed the model (label agreement needs one)"

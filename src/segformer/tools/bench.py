@@ -9,8 +9,8 @@ How the numbers are taken (this library is meant to be run on small, shared mach
   absolute times wander.
 - With ``isolate`` (what ``segformer bench`` and ``benchmarks/bench_inference.py`` do on a
   CPU) each candidate lives in a process of its own and only one runs at a time
-  (``IsolatedCandidate``): runtimes that share a process slow each other down, and a user
-  runs one of them per process. Without it, all run in this process.
+  (``IsolatedCandidate``), as a user runs one runtime per process. Without it, all run in
+  this process (measured on B0 512²: the same times within noise).
 - Accuracy is reported next to speed: the relative L2 error of each engine's logits against
   the reference (transformers when installed, else our model as written), and the share of
   pixels whose label agrees with the exact path (``fast`` in fp32).
@@ -455,21 +455,27 @@ def model_candidate(
     precision: str,
     pixels: torch.Tensor,
     device: str = "cpu",
-    reference: torch.nn.Module | None = None,
+    shared: dict[str, Any] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """One contestant of a model job, pixel values → logits: a transformers route
-    (``backend`` one of ``TRANSFORMERS…``; on ``reference``, transformers' model, when
-    given) or one of our engines. ``pixels`` fixes the static shape the peers compile for."""
+    (``backend`` one of ``TRANSFORMERS…``) or one of our engines. ``pixels`` fixes the static
+    shape the peers compile for. ``shared``: a dict kept across calls for one job, so that
+    transformers' model is loaded, and its OpenVINO graph converted, once for every route
+    (compiling and converting leave the model as it is)."""
     if not backend.startswith(TRANSFORMERS):
         return create_engine(model, backend=backend, precision=precision, device=device)
-    if reference is None:
-        reference = transformers_model(model, device)
+    shared = {} if shared is None else shared
+    if "reference" not in shared:
+        shared["reference"] = transformers_model(model, device)
+    reference = shared["reference"]
     if backend == TRANSFORMERS:
         return _TransformersLogits(reference)
     if backend == TRANSFORMERS_COMPILED:
         return _TransformersCompiled(reference)
     if backend == TRANSFORMERS_OPENVINO:
-        return _TransformersOpenVino(_TransformersOpenVino.convert(reference, pixels), precision)
+        if "openvino graph" not in shared:
+            shared["openvino graph"] = _TransformersOpenVino.convert(reference, pixels)
+        return _TransformersOpenVino(shared["openvino graph"], precision)
     if backend == TRANSFORMERS_ONNXRUNTIME:
         # The session holds the model in memory once created: the file can go.
         with tempfile.TemporaryDirectory(prefix="segformer-bench-onnx-") as folder:
@@ -727,7 +733,7 @@ class _Contestants(contextlib.ExitStack):
         self.timers: dict[str, Callable[[int], float]] = {}
         self._results: dict[str, Callable[[], torch.Tensor]] = {}
         self._folder: str | None = None
-        self._reference: torch.nn.Module | None = None
+        self._shared: dict[str, Any] = {}  # see model_candidate
 
     def add(
         self,
@@ -762,20 +768,19 @@ class _Contestants(contextlib.ExitStack):
                 run = photo_candidate(self.model, backend, precision, self.device)
                 result = lambda: run(image)  # noqa: E731
             else:
-                if backend.startswith(TRANSFORMERS) and self._reference is None:
-                    # One transformers model for every transformers route (compiling and
-                    # converting leave it as it is).
-                    self._reference = transformers_model(self.model, self.device)
                 engine = model_candidate(
-                    self.model, backend, precision, pixels, self.device, self._reference
+                    self.model, backend, precision, pixels, self.device, self._shared
                 )
                 result = lambda: engine(pixels)  # noqa: E731
             result()  # compiles, exports or warms up
             first_call_s = time.perf_counter() - started
             self.timers[label] = _burst_timer(result)
         self._results[label] = result
-        self.info[label] = {"backend": backend, "precision": precision}
-        self.info[label]["first_call_s"] = first_call_s
+        self.info[label] = {
+            "backend": backend,
+            "precision": precision,
+            "first_call_s": first_call_s,
+        }
 
     def result(self, label: str) -> torch.Tensor:
         return self._results[label]()
