@@ -46,8 +46,8 @@ MODES = {
 # 480×360 frames become 640×480). Chosen on the unseen recording of the hold-out run (trained
 # without 0006R0, scored on it with `segformer eval --size H W`): short side 360 (the frames'
 # own size), 448, 480, 540 gave 39.66, 42.13, 42.51, 42.52 mIoU; 480 is the smallest at the
-# top. Thin classes gain most (pole 20.3 → 25.6, pedestrian 12.5 → 18.2). It also spares
-# large photos a full-resolution pass.
+# top. Most of the gain is a height that is a multiple of 32, as every training crop is
+# (352×480: 41.25; 450×600: 40.14, 448×600: 42.13); see "The input size" in the notes.
 INPUT_SHORT_SIDE = 480
 DATA_TERMS = (
     "CamVid (Brostow, Fauqueur, Cipolla, 'Semantic object classes in video: a high-definition "
@@ -65,6 +65,12 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "camvid"))
     parser.add_argument(
         "--wall-time", default=None, help="training wall time to report, e.g. '2 h 40 min'"
+    )
+    parser.add_argument(
+        "--hardware",
+        default=None,
+        help="where the run trained, when not on this machine's CPU, e.g. "
+        "'steps 1–7500 on one NVIDIA H200, the rest on …'",
     )
     parser.add_argument(
         "--holdout",
@@ -124,7 +130,7 @@ def main() -> None:
         reports.plot_validation_curve(history, staging / "validation.png")
         reports.plot_per_class_iou(whole, staging / "per_class_iou.png")
         (staging / "README.md").write_text(
-            model_card(results, history, training, args.wall_time, notes, holdout),
+            model_card(results, history, training, args.wall_time, notes, holdout, args.hardware),
             encoding="utf-8",
         )
         if TARGET.exists():
@@ -215,6 +221,7 @@ def model_card(
     wall_time: str | None,
     notes: str = "",
     holdout: dict | None = None,
+    hardware: str | None = None,
 ) -> str:
     whole = results["whole"]
     steps = training.get("steps", "?")
@@ -317,7 +324,7 @@ never used: it is held back to judge this model.
   `segformer train --resume {run_dir}`), then
   `python recipes/publish_builtin.py {run_dir}{publish_options}`.
 - Steps: {steps} of batch {recipe.get("batch_size", "?")} (of {reached} trained).
-- Hardware: {cpu_model()}, {recipe.get("threads") or 2} PyTorch thread(s), no GPU (torch {torch.__version__}).
+- Hardware: {hardware or f"{cpu_model()}, {recipe.get('threads') or 2} PyTorch thread(s), no GPU (torch {torch.__version__})"}.
 - Wall time: {wall_time or "see the run log"}.
 
 ![training curves](training_curves.png)
