@@ -49,6 +49,8 @@ MODES = {
 # top. Most of the gain is a height that is a multiple of 32, as every training crop is
 # (352×480: 41.25; 450×600: 40.14, 448×600: 42.13); see "The input size" in the notes.
 INPUT_SHORT_SIDE = 480
+# (height, width) of a 4:3 CamVid frame at that input size.
+CAMVID_FRAME_INPUT = (INPUT_SHORT_SIDE, INPUT_SHORT_SIDE * 4 // 3)
 DATA_TERMS = (
     "CamVid (Brostow, Fauqueur, Cipolla, 'Semantic object classes in video: a high-definition "
     "ground truth database', Pattern Recognition Letters 2008), 11-class version as "
@@ -111,7 +113,7 @@ def main() -> None:
             "metrics": {
                 "dataset": "camvid:val",
                 "val_in_training_data": trains_on_val(recipe),
-                "size": f"short side {INPUT_SHORT_SIDE} (480x360 frames at {INPUT_SHORT_SIDE * 4 // 3}x{INPUT_SHORT_SIDE})",
+                "size": f"short side {INPUT_SHORT_SIDE} (480x360 frames at {CAMVID_FRAME_INPUT[1]}x{CAMVID_FRAME_INPUT[0]})",
                 **{
                     name: {k: round(v, 2) for k, v in m.summary().items()}
                     for name, m in results.items()
@@ -182,7 +184,7 @@ def evaluate_holdout(run: Path, data: str, processor: ImageProcessor) -> dict:
     print(f"held-out recording {config.val_include}: {metrics.summary()}")
     print(f"  at the frames' own size: {native.summary()}")
     include = " ".join(f"--include '{g}'" for g in config.val_include)
-    height, width = INPUT_SHORT_SIDE, INPUT_SHORT_SIDE * 4 // 3  # CamVid frames are 4:3
+    height, width = CAMVID_FRAME_INPUT
     return {
         "recording": " ".join(config.val_include),
         "images": len(dataset),
@@ -226,6 +228,10 @@ def model_card(
     whole = results["whole"]
     steps = training.get("steps", "?")
     recipe = training.get("recipe", {})
+    hardware = hardware or (
+        f"{cpu_model()}, {recipe.get('threads') or 2} PyTorch thread(s), no GPU"
+        f" (torch {torch.__version__})"
+    )
     trained_on_val = trains_on_val(recipe)
     rows = "\n".join(
         f"| {name} | {m.summary()['mIoU']:.2f} | {m.summary()['mAcc']:.2f} | {m.summary()['aAcc']:.2f} |"
@@ -292,7 +298,7 @@ them (e.g. `--model nvidia/segformer-b0-finetuned-ade-512-512`) or `segformer tr
 - Classes (11): sky, building, pole, road, pavement, tree, sign/symbol, fence, car,
   pedestrian, bicyclist; CamVid's void label is ignored. Standard CamVid colours.
 - Input: the whole image, resized so that its short side is {INPUT_SHORT_SIDE} pixels (CamVid's
-  480×360 frames become {INPUT_SHORT_SIDE * 4 // 3}×{INPUT_SHORT_SIDE}), ImageNet mean/std. The size was chosen on the
+  480×360 frames become {CAMVID_FRAME_INPUT[1]}×{CAMVID_FRAME_INPUT[0]}), ImageNet mean/std. The size was chosen on the
   unseen recording below (see "The input size" in the notes).
 {status}{holdout_section(holdout)}
 ## Results on {val_title}
@@ -324,7 +330,7 @@ never used: it is held back to judge this model.
   `segformer train --resume {run_dir}`), then
   `python recipes/publish_builtin.py {run_dir}{publish_options}`.
 - Steps: {steps} of batch {recipe.get("batch_size", "?")} (of {reached} trained).
-- Hardware: {hardware or f"{cpu_model()}, {recipe.get('threads') or 2} PyTorch thread(s), no GPU (torch {torch.__version__})"}.
+- Hardware: {hardware}.
 - Wall time: {wall_time or "see the run log"}.
 
 ![training curves](training_curves.png)
