@@ -89,6 +89,23 @@ def test_bf16(pair):
     assert 0 < error < 5e-2
 
 
+def test_fp32_and_bf16_programs_do_not_share_a_cached_blob(pair, tmp_path, monkeypatch):
+    """OpenVINO's blob key leaves the precision hint out: a bf16 engine compiled after an fp32
+    one (same model, same shape, same cache) must still run bf16 — on a CPU with AMX it loaded
+    the fp32 blob and gave garbage or crashed."""
+    reference, model, _ = pair
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16")
+    monkeypatch.setenv("SEGFORMER_CACHE", str(tmp_path))
+    pixels = torch.randn(1, 3, 64, 64)
+    expected = expected_logits(reference, pixels)
+    assert rel(OpenVinoEngine(model, "fp32")(pixels), expected) <= 1e-5
+    for _ in range(2):  # compiled, then loaded from its own blob
+        assert 1e-4 < rel(OpenVinoEngine(model, "bf16")(pixels), expected) < 5e-2
+    blobs = tmp_path / "openvino" / "blobs"
+    assert sorted(p.parent.name for p in blobs.glob("*/*.blob")) == ["bf16", "f32"]
+
+
 def test_static_shapes_kept_are_bounded(pair):
     reference, model, _ = pair
     engine = OpenVinoEngine(model, max_shapes=2)

@@ -12,9 +12,11 @@ int8 models quantized by NNCF.
   ``model_digest`` and the OpenVINO version, so a second process reads it instead of
   converting again (~8 s for B0). It is saved with fp32 weights: ``save_model``'s default
   fp16 compression would make it inexact.
-- **Compiled blobs.** OpenVINO's own ``CACHE_DIR`` (``cache_dir()/openvino/blobs``) keeps each
-  compiled program, keyed by graph, weights and configuration, so the second process also
-  skips compilation (first result in ~0.7 s for B0).
+- **Compiled blobs.** OpenVINO's own ``CACHE_DIR`` (``cache_dir()/openvino/blobs/<hint>``)
+  keeps each compiled program, keyed by graph and weights, so the second process also skips
+  compilation (first result in ~0.7 s for B0). One folder per precision hint because the key
+  leaves the hint out: on a CPU with AMX (OpenVINO 2026.4), a bf16 program found the fp32
+  program's blob under the same name and gave garbage or crashed.
 - **Precision.** fp32 sets ``INFERENCE_PRECISION_HINT=f32`` explicitly: on CPUs with bf16
   instructions the plugin's default is bf16 (‖Δ‖/‖logits‖ ≈ 3e-3), with the hint it is exact
   (≈ 3e-7). bf16 sets the bf16 hint and is offered only where the CPU has bf16. int8 runs a
@@ -113,21 +115,23 @@ def cpu_has_bf16() -> bool:
 
 
 def compile_config(
-    precision: str, threads: int | None = None, cache: bool = True
+    precision: str, threads: int | None = None, cache: bool = True, hint: str | None = None
 ) -> dict[str, Any]:
     """The CPU plugin configuration for ``precision`` ("fp32", "bf16", "int8"): latency-oriented
-    (one stream, every thread on one request), the precision hint, threads (default:
-    PyTorch's thread count) and, with ``cache``, the compiled-blob cache."""
-    # int8: the hint is for the ops left unquantized, bf16 (faster) where the CPU has it.
-    int8_hint = "bf16" if precision == "int8" and cpu_has_bf16() else "f32"
-    hint = _HINTS.get(precision, int8_hint)
+    (one stream, every thread on one request), the precision hint (``hint`` overrides it),
+    threads (default: PyTorch's thread count) and, with ``cache``, the compiled-blob cache."""
+    if hint is None:
+        # int8: the hint is for the ops left unquantized, bf16 (faster) where the CPU has it.
+        int8_hint = "bf16" if precision == "int8" and cpu_has_bf16() else "f32"
+        hint = _HINTS.get(precision, int8_hint)
     config: dict[str, Any] = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": hint,
         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
     }
     if cache:
-        config["CACHE_DIR"] = str(ir_cache_dir() / "blobs")
+        # OpenVINO's blob key leaves the precision hint out: one folder per hint.
+        config["CACHE_DIR"] = str(ir_cache_dir() / "blobs" / hint)
     return config
 
 
@@ -243,9 +247,7 @@ class OpenVinoEngine(Engine):
             raise SegformerError("max_shapes must be at least 1")
         self.static = static
         self.max_shapes = max_shapes
-        self.config = compile_config(precision, threads, cache)
-        if hint is not None:
-            self.config["INFERENCE_PRECISION_HINT"] = hint
+        self.config = compile_config(precision, threads, cache, hint)
         self._lock = threading.Lock()  # an infer request runs one call at a time
         self._model: Any | None = None  # the dynamic openvino.Model, read when first needed
         if program is not None:
