@@ -3,13 +3,15 @@
     python recipes/publish_builtin.py runs/camvid-b0-trainval --holdout runs/camvid-b0-holdout
 
 Gives the run's exported model (``best/``: the best validation, or the last step when the
-run had no validation) the built-in input size (short side ``INPUT_SHORT_SIDE``), evaluates it
-on CamVid val with the library's own evaluation (whole image; then flip; then multi-scale +
-flip) and, with ``--holdout``, the same recipe's run that left one recording out on that
-recording (its ``val_include``), at the same input size and at the recording's own size: the
-estimate of how the model does on a drive it has not seen. ``--holdout-published`` keeps the
-published model's hold-out figures instead (the card then says which schedule they measured),
-for new weights whose own hold-out run could not be finished. Writes the weights, config and preprocessing into
+run had no validation; with ``--checkpoint``, the newest checkpoint's averaged weights of a
+run still going, which the card calls an intermediate checkpoint) the built-in input size
+(short side ``INPUT_SHORT_SIDE``), evaluates it on CamVid val with the library's own
+evaluation (whole image; then flip; then multi-scale + flip) and, with ``--holdout``, the same
+recipe's run that left one recording out on that recording (its ``val_include``), at the same
+input size and at the recording's own size: the estimate of how the model does on a drive it
+has not seen. ``--holdout-published`` keeps the published model's hold-out figures instead
+(the card then says which schedule they measured), for new weights whose own hold-out run
+could not be finished. Writes the weights, config and preprocessing into
 src/segformer/weights/builtin/camvid-b0/ with the metrics in the model's metadata, the
 training curves, and the model card (README.md) from those numbers and the notes file.
 """
@@ -31,8 +33,10 @@ from segformer.inference.modes import InferenceMode
 from segformer.inference.processing import ImageProcessor
 from segformer.tools.bench import cpu_model
 from segformer.training import reports
+from segformer.training.checkpointing import list_checkpoints, load_checkpoint
 from segformer.training.config import TrainConfig
 from segformer.training.datasets import open_dataset, open_splits
+from segformer.training.loop import model_from_checkpoint
 from segformer.training.metrics import evaluate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +80,12 @@ def main() -> None:
         help="where the run trained, when not on this machine's CPU, e.g. "
         "'steps 1–7500 on one NVIDIA H200, the rest on …'",
     )
+    parser.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="publish the newest checkpoint's averaged weights (a run still going; the card "
+        "says it is an intermediate checkpoint) instead of best/",
+    )
     holdout_source = parser.add_mutually_exclusive_group()
     holdout_source.add_argument(
         "--holdout",
@@ -97,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
 
     notes = args.notes.read_text(encoding="utf-8").strip() if args.notes.is_file() else ""
-    model = segformer.load(args.run / "best")
+    model = run_model(args.run, args.checkpoint)
     processor = builtin_processor(model)
     model.metadata = model.metadata.replace(preprocessing=processor.to_dict())
     dataset = open_dataset(args.data, "camvid", "val")
@@ -224,13 +234,22 @@ def published_holdout() -> dict:
     return {"steps": (published.training or {}).get("steps"), **holdout}
 
 
+def run_model(run: Path, newest_checkpoint: bool) -> segformer.SegformerForSemanticSegmentation:
+    """The run's exported model (``best/``), or its newest checkpoint's model as the run would
+    export it at that step."""
+    if not newest_checkpoint:
+        return segformer.load(run / "best")
+    checkpoints = list_checkpoints(run / "checkpoints")
+    if not checkpoints:
+        raise SystemExit(f"{run}: no checkpoints")
+    return model_from_checkpoint(load_checkpoint(checkpoints[-1][1]))
+
+
 def read_history(run: Path) -> dict:
     """The run's loss/lr/val history: history.json once the run has finished, else the one
     carried by its newest checkpoint (so a run still going can be published)."""
     if (run / "history.json").is_file():
         return json.loads((run / "history.json").read_text())
-    from segformer.training.checkpointing import list_checkpoints, load_checkpoint
-
     checkpoints = list_checkpoints(run / "checkpoints")
     return load_checkpoint(checkpoints[-1][1])["history"] if checkpoints else {}
 

@@ -21,7 +21,12 @@ import segformer
 from segformer.errors import SegformerError, TrainingDiverged
 from segformer.training.checkpointing import load_checkpoint
 from segformer.training.config import TrainConfig
-from segformer.training.loop import WarmupPolySchedule, parameter_groups, train
+from segformer.training.loop import (
+    WarmupPolySchedule,
+    model_from_checkpoint,
+    parameter_groups,
+    train,
+)
 from segformer.training.loss import segmentation_loss
 from tests.conftest import REPO
 from tests.segdata import make_samples, write_folder
@@ -283,6 +288,30 @@ _KILLING_RUN = textwrap.dedent(
     sys.exit(main(sys.argv[1:]))
     """
 )
+
+
+def test_a_checkpoint_gives_the_model_the_run_exports(dataset_root, start_model, tmp_path):
+    """A run still going can be published from its newest checkpoint: the model rebuilt from
+    the last step's checkpoint is the one the run exported (``last/``) — averaged weights, the
+    trained model's BatchNorm statistics, preprocessing, palette, steps."""
+    run = tmp_path / "run"
+    train(tiny_run(dataset_root, start_model, run, max_steps=4, ema_decay=0.5, eval_interval=0))
+    checkpoint = load_checkpoint(run / "checkpoints" / "step-0000004.pt")
+    exported = segformer.load(run / "last")
+    rebuilt = model_from_checkpoint(checkpoint)
+    assert rebuilt.state_dict().keys() == exported.state_dict().keys()
+    for name, weight in exported.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], weight), name
+    assert any("running_mean" in name for name in exported.state_dict())
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(pixels), exported(pixels))
+    assert rebuilt.metadata.preprocessing == exported.metadata.preprocessing
+    assert rebuilt.metadata.palette == exported.metadata.palette
+    assert rebuilt.metadata.training["steps"] == exported.metadata.training["steps"] == 4
+    trained = model_from_checkpoint(checkpoint, averaged=False).state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in checkpoint["model"].items())
+    assert not all(torch.equal(trained[k], v) for k, v in exported.state_dict().items())
 
 
 def _segformer(

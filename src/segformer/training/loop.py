@@ -966,6 +966,25 @@ def export_model(
     segformer.save(learner.evaluated, folder)
 
 
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], averaged: bool = True
+) -> SegformerForSemanticSegmentation:
+    """The model a checkpoint holds, as the run would export it at that step: the averaged (EMA)
+    weights when the run keeps them and ``averaged`` (else the trained ones), with the run's
+    preprocessing, palette and training record — for publishing a run that is still going."""
+    config = TrainConfig.from_dict(checkpoint["train_config"])
+    model = build_model(config, list(checkpoint["labels"])).eval()
+    weights = dict(checkpoint["model"])
+    ema = checkpoint.get("ema")
+    if averaged and ema:
+        # Buffers (BatchNorm statistics) are the trained model's, as export_model copies them.
+        buffers = {name for name, _ in model.named_buffers()}
+        weights.update({k: v for k, v in ema["weights"].items() if k not in buffers})
+    model.load_state_dict(weights)
+    model.metadata = _export_metadata(config, checkpoint.get("palette"), None, checkpoint["step"])
+    return model
+
+
 def checkpoint_state(
     learner: Learner, data: RunData, state: RunState, config: TrainConfig, process: Distributed
 ) -> dict[str, Any]:
