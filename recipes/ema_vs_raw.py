@@ -18,7 +18,12 @@ from pathlib import Path
 from segformer.errors import SegformerError
 from segformer.training.checkpointing import list_checkpoints, load_checkpoint
 from segformer.training.config import TrainConfig
-from segformer.training.loop import build_model, image_processor, inference_mode, open_split
+from segformer.training.loop import (
+    image_processor,
+    inference_mode,
+    model_from_checkpoint,
+    open_split,
+)
 from segformer.training.metrics import evaluate_dataset
 
 
@@ -42,9 +47,8 @@ def main() -> int:
     if config.val_split in (None, "none"):
         raise SegformerError(f"{args.run}: the run has no validation split to score on")
     dataset = open_split(config, config.val_split, include=config.val_include)
-    model = build_model(config, list(state["labels"])).eval()
-    for name, weights in (("raw", state["model"]), ("EMA", state["ema"]["weights"])):
-        model.load_state_dict(weights)
+    for name, averaged in (("raw", False), ("EMA", True)):
+        model = model_from_checkpoint(state, averaged)
         metrics = evaluate_dataset(
             model, dataset, inference_mode(config), processor=image_processor(config)
         )

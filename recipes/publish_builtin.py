@@ -319,7 +319,7 @@ def model_card(
         ""
         if not holdout
         else " --holdout-published"
-        if holdout.get("steps") not in (None, steps)
+        if from_other_schedule(holdout, steps)
         else " --holdout runs/camvid-b0-holdout"
     )
     schedule = (
@@ -395,13 +395,18 @@ Weights: Apache-2.0, like the code that trained them. Data: {DATA_TERMS}
 """
 
 
+def from_other_schedule(holdout: dict, steps: int | str | None) -> bool:
+    """Whether the hold-out figures measured a schedule other than the shipped weights'."""
+    return bool(holdout.get("steps") and steps and holdout["steps"] != steps)
+
+
 def holdout_section(holdout: dict | None, steps: int | str | None = None) -> str:
     """The cross-recording estimate: the same recipe trained without one recording, scored on
     it (saying so when that run's schedule differs from the shipped weights' ``steps``)."""
     if not holdout:
         return ""
     recipe, run = "The same recipe", "the hold-out run"
-    if holdout.get("steps") and steps and holdout["steps"] != steps:
+    if from_other_schedule(holdout, steps):
         recipe = (
             f"The same recipe on its earlier {holdout['steps']}-step schedule (these weights "
             f"trained {steps} steps; the unfinished hold-out run of {steps} steps is in the notes)"
