@@ -974,13 +974,12 @@ def model_from_checkpoint(
     preprocessing, palette and training record — for publishing a run that is still going."""
     config = TrainConfig.from_dict(checkpoint["train_config"])
     model = build_model(config, list(checkpoint["labels"])).eval()
-    weights = dict(checkpoint["model"])
-    ema = checkpoint.get("ema")
-    if averaged and ema:
-        # Buffers (BatchNorm statistics) are the trained model's, as export_model copies them.
-        buffers = {name for name, _ in model.named_buffers()}
-        weights.update({k: v for k, v in ema["weights"].items() if k not in buffers})
-    model.load_state_dict(weights)
+    model.load_state_dict(checkpoint["model"])
+    if averaged and checkpoint.get("ema"):
+        average = WeightAverage(model, config.ema_decay)
+        average.load_state_dict(checkpoint["ema"])
+        average.copy_buffers(model)  # the trained model's BatchNorm statistics, as at export
+        model = average.model
     model.metadata = _export_metadata(config, checkpoint.get("palette"), None, checkpoint["step"])
     return model
 
