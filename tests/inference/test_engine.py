@@ -11,6 +11,7 @@ import transformers
 import segformer
 from segformer.errors import CheckpointError, SegformerError
 from segformer.inference import engine as engine_module
+from segformer.inference import labels as labels_module
 from segformer.inference.backends.compiled import CompiledEngine
 from segformer.inference.backends.pytorch import TorchEngine
 from segformer.inference.engine import BACKENDS, create_engine, default_backend
@@ -221,6 +222,29 @@ def test_labels_identical_to_upsample_then_argmax(name, logits, size):
     labels = labels_from_logits(logits, size)
     assert labels.dtype == torch.int64
     assert torch.equal(labels, reference_labels(logits, size))
+
+
+@pytest.mark.parametrize("chunk", [1 << 21, 37])
+def test_labels_identical_on_varied_logits(chunk, monkeypatch):
+    """Many shapes, class counts, ties and duplicated classes, with the per-pixel work done in
+    one piece and in chunks of a few dozen (pixel, class) pairs."""
+    monkeypatch.setattr(labels_module, "_VALUES_PER_CHUNK", chunk)
+    generator = torch.Generator().manual_seed(chunk)
+
+    def draw(low, high):
+        return int(torch.randint(low, high, (1,), generator=generator))
+
+    for case in range(60):
+        classes, h, w = draw(2, 40), draw(2, 40), draw(2, 40)
+        size = (draw(h, 6 * h + 70), draw(w, 6 * w + 70))
+        coarse = torch.randn(1, classes, max(2, h // 4), max(2, w // 4), generator=generator)
+        logits = F.interpolate(coarse * 8, size=(h, w), mode="bilinear", align_corners=False)
+        if case % 5 == 0:
+            logits = logits.round()  # ties
+        if case % 7 == 0:
+            logits[:, classes // 2] = logits[:, 0]  # a duplicated class: argmax takes the first
+        logits = logits.contiguous()
+        assert torch.equal(labels_from_logits(logits, size), reference_labels(logits, size)), case
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -199,48 +199,66 @@ def _labels_one(
         return torch.from_numpy(labels)
     hard = hard_cells[row0][:, col0]
     ys, xs = np.nonzero(hard)
-    involved = np.flatnonzero(candidates[:, hard_cells].any(axis=1))  # sorted class ids
     if ys.size > height * width // 8:
         # Boundaries everywhere (e.g. an untrained model): interpolating the involved classes
         # at full size is cheaper than going pixel by pixel.
+        involved = np.flatnonzero(candidates[:, hard_cells].any(axis=1))  # sorted class ids
         involved, upsampled = _upsample_classes(logits, involved, (height, width))
         return torch.from_numpy(np.where(hard, involved[upsampled.argmax(axis=0)], labels))
 
-    # Positions × classes, so that each pixel's corner values are one contiguous row to gather.
-    by_position = np.ascontiguousarray(logits[involved].reshape(involved.size, h * w).T)
-    allowed = np.ascontiguousarray(candidates[involved].reshape(involved.size, h * w).T)
-    chunk = max(1, _VALUES_PER_CHUNK // involved.size)
-    close_y, close_x = [], []
-    contenders = np.zeros(involved.size, dtype=bool)
+    # Only each hard cell's own candidates are interpolated (about two per pixel on real
+    # photos, against every class that is a candidate somewhere): the (pixel, class) pairs are
+    # laid out flat, grouped by pixel, classes ascending within a group.
+    hard_cell_ids = np.flatnonzero(hard_cells.ravel())
+    cell_candidates = candidates.reshape(candidates.shape[0], h * w)[:, hard_cell_ids].T
+    candidate_count = cell_candidates.sum(axis=1)
+    candidate_start = np.cumsum(candidate_count) - candidate_count
+    candidate_class = np.nonzero(cell_candidates)[1]  # by cell, then class
+    slot_of_cell = np.zeros(h * w, dtype=np.intp)
+    slot_of_cell[hard_cell_ids] = np.arange(hard_cell_ids.size)
+    flat = logits.reshape(-1)
+    chunk = max(1, _VALUES_PER_CHUNK // int(candidate_count.max()))
+    close_y, close_x, contenders = [], [], []
     one = np.float32(1)
     for start in range(0, ys.size, chunk):
         y, x = ys[start : start + chunk], xs[start : start + chunk]
-        top_left, bottom_left = row0[y] * w + col0[x], row1[y] * w + col0[x]
-        top_right, bottom_right = row0[y] * w + col1[x], row1[y] * w + col1[x]
-        wy, wx = row_weight[y, None], col_weight[x, None]
+        slot = slot_of_cell[row0[y] * w + col0[x]]
+        count = candidate_count[slot]
+        group = np.cumsum(count) - count  # where each pixel's pairs begin
+        pixel = np.repeat(np.arange(y.size), count)
+        within = np.arange(pixel.size) - group[pixel]
+        pair_class = candidate_class[candidate_start[slot][pixel] + within]
+        py, px = y[pixel], x[pixel]
+        top_row = pair_class * (h * w) + row0[py] * w  # flat index of each pair's corner row
+        bottom_row = pair_class * (h * w) + row1[py] * w
+        left, right = col0[px], col1[px]
+        wy, wx = row_weight[py], col_weight[px]
         # The kernel's arithmetic: weights 1 − λ and λ, columns first, then rows.
-        top = by_position[top_left] * (one - wx) + by_position[top_right] * wx
-        bottom = by_position[bottom_left] * (one - wx) + by_position[bottom_right] * wx
-        values = top * (one - wy) + bottom * wy  # (pixels, classes involved)
-        values[~allowed[top_left]] = -np.inf
-        best = values.argmax(axis=1)
-        picked = np.arange(values.shape[0])
-        first = values[picked, best]
-        values[picked, best] = -np.inf
-        second = values.max(axis=1)
-        values[picked, best] = first
+        top = flat[top_row + left] * (one - wx) + flat[top_row + right] * wx
+        bottom = flat[bottom_row + left] * (one - wx) + flat[bottom_row + right] * wx
+        values = top * (one - wy) + bottom * wy
+        # Per pixel: the best value, its first pair (argmax takes the lowest class among equal
+        # maxima) and the best of the others (equal to the first on a tie).
+        first = np.maximum.reduceat(values, group)
+        at_first = values == first[pixel]
+        winner = np.minimum.reduceat(np.where(at_first, np.arange(pixel.size), pixel.size), group)
+        others = values.copy()
+        others[winner] = -np.inf
+        second = np.maximum.reduceat(others, group)
         tolerance = rounding + slope * (row_doubt[y] + col_doubt[x])
         decided = first - second > 2 * tolerance
-        labels[y[decided], x[decided]] = involved[best[decided]]
+        labels[y[decided], x[decided]] = pair_class[winner[decided]]
         if not decided.all():
             close = ~decided
             close_y.append(y[close])
             close_x.append(x[close])
-            near = values[close] >= (first[close] - 2 * tolerance[close])[:, None]
-            contenders |= near.any(axis=0)
+            near = close[pixel] & (values >= (first - 2 * tolerance)[pixel])
+            contenders.append(pair_class[near])
     if close_y:
         # Near-ties: PyTorch's kernel decides, on the few classes that came close.
         y, x = np.concatenate(close_y), np.concatenate(close_x)
-        close_classes, upsampled = _upsample_classes(logits, involved[contenders], (height, width))
+        close_classes, upsampled = _upsample_classes(
+            logits, np.unique(np.concatenate(contenders)), (height, width)
+        )
         labels[y, x] = close_classes[upsampled[:, y, x].argmax(axis=0)]
     return torch.from_numpy(labels)
