@@ -561,9 +561,12 @@ class ImageProcessor:
             self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std
         )
         batch = pixels if pixels.ndim == 4 else pixels[None]
-        out = np.empty((batch.shape[0], 3, *batch.shape[1:3]), dtype=np.float32)
+        # Channel planes made contiguous first: looking up a strided view of interleaved RGB
+        # is about three times slower than copying the bytes apart and looking up planes.
+        planes = np.ascontiguousarray(np.moveaxis(batch, -1, 1))  # (B, 3, H, W) uint8
+        out = np.empty(planes.shape, dtype=np.float32)
         for channel in range(3):
-            np.take(table[channel], batch[..., channel], out=out[:, channel])
+            np.take(table[channel], planes[:, channel], out=out[:, channel])
         result = torch.from_numpy(out)
         return result if pixels.ndim == 4 else result[0]
 
