@@ -167,6 +167,24 @@ def test_modes_from_the_command_line(model_dir, inputs, tmp_path):
     assert Image.open(out / "street.png").size == (71, 33)
 
 
+def test_reduced_decode(model_dir, tmp_path):
+    # The model reads 64×64: a 384×256 JPEG is decoded at 1/4 (96×64, the largest reduction
+    # still at least 64 on both sides) and every output is at that size; a PNG is not reduced.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    picture(256, 384, 3).save(folder / "big.jpg", quality=95)
+    picture(256, 384, 4).save(folder / "big_png.png")
+    out = tmp_path / "out"
+    assert run(str(folder), "--model", str(model_dir), "--out", str(out), "--reduced-decode") == 0
+    assert Image.open(out / "big.png").size == (96, 64)
+    record = json.loads((out / "big.json").read_text())
+    assert (record["width"], record["height"]) == (96, 64)
+    assert Image.open(out / "big_png.png").size == (384, 256)
+    full = tmp_path / "full"
+    assert run(str(folder / "big.jpg"), "--model", str(model_dir), "--out", str(full)) == 0
+    assert Image.open(full / "big.png").size == (384, 256)
+
+
 def test_bad_options_are_one_line_errors(model_dir, inputs, tmp_path, capsys):
     code = run(
         str(inputs / "street.jpg"),

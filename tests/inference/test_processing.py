@@ -398,6 +398,45 @@ def test_read_image_applies_exif_orientation():
     np.testing.assert_array_equal(result, stored[::-1, ::-1])
 
 
+def test_read_image_reduced_jpeg_decoding():
+    # A smooth 1600×1200 photo-like JPEG: each reduction is libjpeg's 1/2, 1/4 or 1/8, the
+    # largest that stays at least as large as asked (sizes by hand), and its pixels are those
+    # of the full decode resized, up to JPEG's own blur.
+    y, x = np.mgrid[0:1200, 0:1600]
+    smooth = np.stack([x * 255 // 1600, y * 255 // 1200, (x + y) * 255 // 2800], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(smooth.astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    data = buffer.getvalue()
+    asked = []
+
+    def need(height, width):
+        asked.append((height, width))
+        return (280, 390)
+
+    reduced = read_image(data, reduce_for=need)
+    assert asked == [(1200, 1600)]
+    assert reduced.size == (400, 300)  # 1/4: 1/8 would be 200×150, below 390×280
+    assert read_image(data, reduce_for=lambda h, w: (600, 800)).size == (800, 600)
+    assert read_image(data, reduce_for=lambda h, w: (601, 800)).size == (1600, 1200)
+    assert read_image(data, reduce_for=lambda h, w: (1, 1)).size == (200, 150)
+    full = read_image(data).resize((400, 300), Image.Resampling.BILINEAR)
+    difference = np.abs(np.asarray(reduced).astype(int) - np.asarray(full).astype(int))
+    assert difference.mean() < 2
+
+    # Quarter-turned by EXIF: the caller is asked, and answered, in upright terms.
+    turned = exif_rotated(Image.fromarray(smooth.astype(np.uint8)), "JPEG", 6)
+    asked.clear()
+    upright = read_image(turned, reduce_for=need)
+    assert asked == [(1600, 1200)]
+    assert upright.size == (600, 800)  # 1/2 of 1200×1600: 1/4 would be 300 wide, below 390
+
+    # Not a JPEG, or already in memory: decoded whole.
+    png = io.BytesIO()
+    Image.fromarray(smooth.astype(np.uint8)).save(png, "PNG")
+    assert read_image(png.getvalue(), reduce_for=need).size == (1600, 1200)
+    assert read_image(smooth.astype(np.uint8), reduce_for=need).size == (1600, 1200)
+
+
 def test_read_image_sources(tmp_path):
     pixels = np.array(random_rgb(10, 14, 17))
     path = tmp_path / "photo.png"

@@ -292,3 +292,21 @@ def test_cityscapes_b0_on_the_stuttgart_photo_in_slide_mode():
     shares = {c.name: c.share for c in result.classes}
     assert shares["road"] > 0.25 and shares["building"] > 0.15  # the street and its façades
     assert tuple(segmenter.palette[0]) == (128, 64, 128)  # Cityscapes colours, found by label names
+
+
+@pytest.mark.shared
+def test_reduced_decode_agrees_with_a_full_decode_on_a_large_photo():
+    # The Stuttgart street as a 2048×1024 JPEG; the built-in model reads it at 960×480, so it
+    # is decoded at 1/2. The reference is the same segmenter decoding every pixel; its
+    # full-size labels, sampled at the reduced grid, agree on nearly every pixel.
+    buffer = io.BytesIO()
+    street = Image.open(CITYSCAPES_SAMPLE / "stuttgart_demo_1024x512.png").convert("RGB")
+    street.resize((2048, 1024), Image.Resampling.LANCZOS).save(buffer, "JPEG", quality=92)
+    full = Segmenter.from_pretrained(device="cpu")
+    reduced = Segmenter(full.model, engine=full.engine, name="reduced", reduced_decode=True)
+    whole = full(buffer.getvalue())
+    small = reduced(buffer.getvalue())
+    assert whole.labels.shape == (1024, 2048)
+    assert small.labels.shape == (512, 1024)
+    sampled = whole.labels[1::2, 1::2]  # the full-size pixel nearest each reduced pixel's centre
+    assert (sampled == small.labels).mean() > 0.98

@@ -36,7 +36,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -179,13 +179,43 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _decode(source: Any, name: str, max_pixels: int | None) -> Image.Image:
+# EXIF orientations that turn the stored image a quarter turn (upright width = stored height).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _reduce_jpeg(image: Image.Image, needed: Callable[[int, int], tuple[int, int]]) -> None:
+    """Before decoding: ask libjpeg for the largest of its reductions (1/2, 1/4, 1/8, done in
+    the DCT, so most of the decoding work is skipped) that keeps ``image`` at least
+    ``needed(upright height, upright width)`` (height, width). Not a JPEG: nothing happens."""
+    if image.format != "JPEG":
+        return
+    try:
+        turned = image.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS
+    except Exception:  # unreadable EXIF: _upright leaves the pixels as stored too
+        turned = False
+    width, height = image.size
+    if turned:
+        width, height = height, width
+    need_height, need_width = needed(height, width)
+    if turned:
+        need_height, need_width = need_width, need_height
+    image.draft(None, (max(1, need_width), max(1, need_height)))
+
+
+def _decode(
+    source: Any,
+    name: str,
+    max_pixels: int | None,
+    reduce_for: Callable[[int, int], tuple[int, int]] | None = None,
+) -> Image.Image:
     """A fully decoded, upright PIL image from an encoded source or a PIL image."""
     if isinstance(source, Image.Image):
         image = source
     else:
         image = _open_encoded(_read_bytes(source, name), name)
         _check_pixels(image, name, max_pixels)
+        if reduce_for is not None:
+            _reduce_jpeg(image, reduce_for)
     _load(image, name)
     return _upright(image)
 
@@ -286,12 +316,24 @@ def _in_memory_array(source: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def read_image(
-    source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+    source: ImageSource,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    reduce_for: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
     """An upright, fully decoded 8-bit RGB image from a path, bytes, a binary file object, a
     PIL image, a numpy array (H×W or H×W×C; uint8, uint16, bool or float in [0, 1]) or a tensor
     (C×H×W or H×W). ``name`` is how errors refer to the source (default: its path). Files,
     bytes and streams larger than ``max_pixels`` are refused before they are decoded.
+
+    ``reduce_for``: a function from an image's upright (height, width) to the smallest
+    (height, width) the caller needs, typically the size it resizes to next. An encoded JPEG
+    is then decoded at the largest of libjpeg's reductions (1/2, 1/4 or 1/8) that keeps it at
+    least that large: for a phone photo read at a model's input size, several times less work
+    than decoding every pixel. The result is smaller than the file's own size, and its pixels
+    (hence a model's input after resizing) differ slightly from a full decode's, so no reader
+    here does it unless asked. Other formats and in-memory images are decoded as they are.
 
     Raises ImageError (one line, naming the source) for a missing file, something that is not
     an image, a truncated or corrupt file, or an image over the limit.
@@ -299,7 +341,7 @@ def read_image(
     label = _source_name(source, name)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _to_rgb(_array_to_image(_in_memory_array(source), label), label)
-    return _to_rgb(_decode(source, label, max_pixels), label)
+    return _to_rgb(_decode(source, label, max_pixels, reduce_for), label)
 
 
 def read_mask(
