@@ -6,7 +6,11 @@ before the app sees it."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from tests.server.helpers import (
     assert_one_line_error,
@@ -112,3 +116,16 @@ def test_chunked_upload_is_cut_off_at_the_limit(live_server) -> None:
     response, sent = raw_request(port, head, chunks)
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert sent < 2_000_000  # stopped near the 100 kB limit, not after everything
+
+
+def test_reduced_decode_setting(model_dir: Path, tmp_path: Path) -> None:
+    # The tiny model reads 64×64: a 384×256 JPEG upload is decoded at 1/4 when the server is
+    # told to, and the result describes the decoded image.
+    buffer = BytesIO()
+    Image.fromarray(np.full((256, 384, 3), 90, dtype=np.uint8)).save(buffer, "JPEG")
+    for reduced, size in ((False, (384, 256)), (True, (96, 64))):
+        with client_for(model_dir, tmp_path, reduced_decode=reduced) as client:
+            response = segment(client, buffer.getvalue(), "big.jpg")
+            assert response.status_code == 200
+            body = response.json()
+            assert (body["width"], body["height"]) == size

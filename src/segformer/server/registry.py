@@ -67,6 +67,7 @@ class ServedModel:
                     backend=settings.backend,
                     mode=mode,
                     max_pixels=settings.max_pixels,
+                    reduced_decode=settings.reduced_decode,
                     name=self.name,
                 )
                 # The first pass pays for kernel selection and memory set-up; pay it here
@@ -79,6 +80,7 @@ class ServedModel:
                     engine=base.engine,
                     mode=mode,
                     max_pixels=settings.max_pixels,
+                    reduced_decode=settings.reduced_decode,
                     name=self.name,
                 )
             self._segmenters[mode] = segmenter
