@@ -276,6 +276,7 @@ def test_from_pretrained_folder_and_info(tiny_config, tmp_path):
     assert info["labels"] == ["background", "thing", "stuff"]
     assert info["parameters"] == sum(p.numel() for p in tiny_model.parameters())
     assert info["mode"]["mode"] == "slide" and info["mode"]["flip"] is True
+    assert info["reduced_decode"] is False
     assert info["palette_source"] == "generated" and len(info["palette"]) == 3
     assert "slide" in repr(segmenter)
 

@@ -457,7 +457,7 @@ class Segmenter:
     # -- describing ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What this segmenter runs: ``model_info`` plus the inference mode, device, engine
-        backend and precision. JSON-ready."""
+        backend and precision, and whether JPEGs are decoded reduced. JSON-ready."""
         data = model_info(self.model, self.name, processor=self.processor)
         data.update(
             {
@@ -465,6 +465,7 @@ class Segmenter:
                 "device": self.device,
                 "backend": getattr(self.engine, "backend", type(self.engine).__name__),
                 "precision": getattr(self.engine, "precision", None),
+                "reduced_decode": self.reduced_decode,
             }
         )
         return data
