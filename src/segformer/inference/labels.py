@@ -229,8 +229,8 @@ def _labels_one(
         within = np.arange(pixel.size) - group[pixel]
         pair_class = candidate_class[candidate_start[slot][pixel] + within]
         py, px = y[pixel], x[pixel]
-        top_row = pair_class * (h * w) + row0[py] * w  # flat index of each pair's corner row
-        bottom_row = pair_class * (h * w) + row1[py] * w
+        plane = pair_class * (h * w)  # where each pair's class starts in ``flat``
+        top_row, bottom_row = plane + row0[py] * w, plane + row1[py] * w
         left, right = col0[px], col1[px]
         wy, wx = row_weight[py], col_weight[px]
         # The kernel's arithmetic: weights 1 − λ and λ, columns first, then rows.

@@ -64,10 +64,11 @@ class Settings:
     from starting); the others on their first use, unless ``preload``.
     ``workers`` threads run image inference; up to ``queue_size`` more requests wait for one,
     and beyond that the server answers 503 with Retry-After. ``request_timeout``: an image
-    request that has not finished by then gets 504. ``reduced_decode``: decode JPEG uploads at
-    a libjpeg reduction no smaller than the model's input (``Segmenter(reduced_decode=True)``:
-    faster for large photos, results at the decoded size). ``max_uploads``: request bodies (images and
+    request that has not finished by then gets 504. ``max_uploads``: request bodies (images and
     videos) read at once; one more is refused with 503 and Retry-After before its body is read.
+    ``reduced_decode``: decode JPEG uploads at a libjpeg reduction no smaller than the model's
+    input (``Segmenter(reduced_decode=True)``: faster for large photos, results at the decoded
+    size).
     ``video_workers`` / ``video_queue`` / ``max_jobs``: video jobs running, waiting, and kept
     (finished ones are evicted oldest first; each also expires ``job_ttl`` after it finishes).
     ``work_dir``: where video uploads and results are kept while their job lives (a private
